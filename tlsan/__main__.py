@@ -1,0 +1,5 @@
+import sys
+
+from tlsan.cli import main
+
+sys.exit(main())

@@ -1,0 +1,61 @@
+"""The `tlsan` command line: each subcommand lives in `tlsan/commands/<name>.py`.
+
+A command module exposes `register(subparsers)`, which adds its parser and sets `func`
+to a callable taking the parsed namespace and returning an exit status. Errors that users
+can fix (bad data, bad flags, bad run dirs) become one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+COMMANDS: tuple[str, ...] = (
+    "prepare",
+    "generate",
+)
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Exception types whose message is meant for the user (no traceback)."""
+    from pipelines.errors import DataValidationError
+    from tlsan.errors import TlsanError
+
+    types: list[type[BaseException]] = [DataValidationError, TlsanError]
+    try:
+        from feature_store.errors import StoreError
+
+        types.append(StoreError)
+    except ImportError:  # feature store not present in a minimal install
+        pass
+    return tuple(types)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tlsan", description="Time-aware sequential recommendation with TLSAN."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"tlsan.commands.{name}").register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        status = args.func(args)
+    except user_error_types() as exc:
+        print(f"tlsan {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"tlsan {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(status or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,17 @@
+"""Exception types of the tlsan package: every one names what was found and what was expected."""
+
+
+class TlsanError(ValueError):
+    """Base class for user-facing errors of the tlsan package (bad run dir, config, flag)."""
+
+
+class RunError(TlsanError):
+    """A run directory that is missing files, corrupt, or belongs to another dataset."""
+
+
+class ConfigError(TlsanError):
+    """A configuration file or flag value that does not fit the expected schema."""
+
+
+class BundleError(TlsanError):
+    """A serving bundle that is incomplete, corrupt or from another model version."""
