@@ -1,0 +1,1 @@
+"""Fixtures that build prepared datasets from ../shared/data and the synthetic generator."""
