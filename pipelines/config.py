@@ -1,0 +1,154 @@
+"""Resolved options of `tlsan prepare`: one dataclass, presets, and the session rule parser.
+
+Keeping every option in one frozen dataclass lets the manifest record exactly what produced a
+dataset and lets serving rebuild the same session and time features from it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from pipelines.errors import DataValidationError
+
+SplitKind = Literal["last-session", "leave-one-out", "time"]
+FileFormat = Literal["csv", "parquet", "ndjson"]
+TimeUnit = Literal["s", "ms", "us", "ns"]
+MissingItemPolicy = Literal["error", "unknown"]
+
+SECONDS_PER_DAY = 86_400
+UNKNOWN_CATEGORY = "unknown"
+_DURATION = re.compile(r"^(\d+)(s|m|h|d)$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+
+
+@dataclass(frozen=True)
+class SessionRule:
+    """How events become sessions: one UTC calendar day (the paper) or inactivity gaps."""
+
+    kind: Literal["day", "gap"] = "day"
+    gap_seconds: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> SessionRule:
+        """Parse `day` or `gap:30m` (units s, m, h, d)."""
+        if text == "day":
+            return cls("day", 0)
+        if text.startswith("gap:"):
+            match = _DURATION.match(text[4:])
+            if match and int(match.group(1)) > 0:
+                return cls("gap", int(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+        raise DataValidationError(
+            f"--session: expected 'day' or 'gap:DURATION' such as gap:30m (units s, m, h, d), "
+            f"got {text!r}"
+        )
+
+    def __str__(self) -> str:
+        return "day" if self.kind == "day" else f"gap:{self.gap_seconds}s"
+
+
+@dataclass(frozen=True)
+class ColumnMap:
+    """Names of the raw columns in the user's files."""
+
+    user: str = "user_id"
+    item: str = "item_id"
+    time: str = "timestamp"
+    category: str = "category"
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """Everything that determines a prepared dataset (recorded in manifest.json)."""
+
+    interactions: Path
+    items: Path | None = None
+    format: FileFormat | None = None
+    columns: ColumnMap = field(default_factory=ColumnMap)
+    time_unit: TimeUnit = "s"
+    missing_items: MissingItemPolicy = "error"
+    session: SessionRule = field(default_factory=SessionRule)
+    split: SplitKind = "last-session"
+    valid_from: int | None = None
+    test_from: int | None = None
+    min_user_interactions: int = 0
+    min_item_interactions: int = 0
+    min_sessions: int = 0
+    max_sessions: int = 0
+    max_events_per_user: int = 0
+    max_long: int = 50
+    max_short: int = 50
+    seed: int = 0
+    preset: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in (
+            "min_user_interactions",
+            "min_item_interactions",
+            "min_sessions",
+            "max_sessions",
+            "max_events_per_user",
+            "max_short",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise DataValidationError(
+                    f"--{name.replace('_', '-')}: expected an integer >= 0 (0 = off), got {value!r}"
+                )
+        if not isinstance(self.max_long, int) or self.max_long < 1:
+            raise DataValidationError(
+                f"--max-long: expected an integer >= 1, got {self.max_long!r}"
+            )
+        if self.max_sessions and self.min_sessions > self.max_sessions:
+            raise DataValidationError(
+                f"--min-sessions {self.min_sessions} is greater than --max-sessions "
+                f"{self.max_sessions}: expected min <= max"
+            )
+        if self.split == "time":
+            if self.valid_from is None or self.test_from is None:
+                raise DataValidationError(
+                    "--split time needs both --valid-from and --test-from (unix seconds or ISO-8601)"
+                )
+            if self.valid_from > self.test_from:
+                raise DataValidationError(
+                    f"--valid-from ({self.valid_from}) is after --test-from ({self.test_from}): "
+                    "expected valid_from <= test_from"
+                )
+        elif self.valid_from is not None or self.test_from is not None:
+            raise DataValidationError(
+                f"--valid-from/--test-from only apply to --split time, not --split {self.split}"
+            )
+
+    def to_json(self) -> dict[str, Any]:
+        """The resolved configuration, JSON-serialisable, as written into manifest.json."""
+        data = asdict(self)
+        data["interactions"] = str(self.interactions)
+        data["items"] = str(self.items) if self.items else None
+        data["session"] = str(self.session)
+        return data
+
+
+def apply_preset(config: PrepareConfig, preset: str | None, given: set[str]) -> PrepareConfig:
+    """Apply a preset's values for every option the user did not give explicitly.
+
+    `paper` is the construction of the TLSAN paper: day sessions, a 90-event cap, the
+    last-session split, no short-term cap and no filter unless one is given.
+    """
+    if preset is None:
+        return config
+    if preset != "paper":
+        raise DataValidationError(f"--preset: expected 'paper', got {preset!r}")
+    values: dict[str, Any] = {
+        "session": SessionRule("day", 0),
+        "split": "last-session",
+        "max_events_per_user": 90,
+        "max_short": 0,
+    }
+    changes = {k: v for k, v in values.items() if k not in given}
+    if "session" in given and config.session.kind != "day":
+        raise DataValidationError("--preset paper uses day sessions; drop --session or the preset")
+    if "split" in given and config.split != "last-session":
+        raise DataValidationError("--preset paper uses --split last-session; drop one of them")
+    return replace(config, preset=preset, **changes)

@@ -1,0 +1,283 @@
+"""Read raw interaction logs and item catalogs (CSV, Parquet, NDJSON) into one normal form.
+
+Every later step sees the same columns whatever the input looked like: `row` (0-based data row
+in the file), `user_id` and `item_id` as strings (raw ids), `timestamp` as int64 unix seconds,
+`category` as a string or null. Every problem is reported as a `DataValidationError` that names
+the file, the column, how many rows are affected and a few example rows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from pipelines.config import UNKNOWN_CATEGORY, ColumnMap, FileFormat, TimeUnit
+from pipelines.errors import DataValidationError
+
+_SUFFIXES: dict[str, FileFormat] = {
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".ndjson": "ndjson",
+    ".jsonl": "ndjson",
+}
+_UNIT_DIVISOR = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
+# Unix seconds beyond this (year ~5138) almost surely mean milliseconds were given as seconds.
+_MAX_PLAUSIBLE_SECONDS = 100_000_000_000
+_EXAMPLES = 3
+
+
+def detect_format(path: Path, given: FileFormat | None) -> FileFormat:
+    """The file format from `--format`, else from the file name's extension."""
+    if given is not None:
+        return given
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    if suffixes and suffixes[-1] in _SUFFIXES:
+        return _SUFFIXES[suffixes[-1]]
+    raise DataValidationError(
+        f"{path}: cannot tell the format from the extension {''.join(path.suffixes)!r}: "
+        "expected .csv, .parquet or .ndjson/.jsonl, or pass --format csv|parquet|ndjson"
+    )
+
+
+def _scan(path: Path, fmt: FileFormat) -> pl.LazyFrame:
+    if not path.exists():
+        raise DataValidationError(f"{path}: file not found")
+    if not path.is_file():
+        raise DataValidationError(f"{path}: not a regular file")
+    try:
+        if fmt == "csv":
+            sep = "\t" if path.name.lower().removesuffix(".gz").endswith(".tsv") else ","
+            return pl.scan_csv(path, infer_schema=False, separator=sep)
+        if fmt == "parquet":
+            return pl.scan_parquet(path)
+        return pl.scan_ndjson(path, infer_schema_length=10_000)
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        raise DataValidationError(f"{path}: cannot read as {fmt}: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _schema(path: Path, fmt: FileFormat, lf: pl.LazyFrame) -> pl.Schema:
+    try:
+        return lf.collect_schema()
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        raise DataValidationError(f"{path}: cannot read as {fmt}: {_first_line(exc)}") from exc
+
+
+def _require(path: Path, schema: pl.Schema, wanted: dict[str, str]) -> None:
+    missing = [f"{col!r} ({flag})" for col, flag in wanted.items() if col not in schema]
+    if missing:
+        raise DataValidationError(
+            f"{path}: missing column(s) {', '.join(missing)}; found {list(schema.names())}. "
+            "Map other names with --user-col/--item-col/--time-col/--category-col"
+        )
+
+
+def _as_id(col: str, dtype: pl.DataType) -> pl.Expr:
+    """Raw ids as strings: integer ids keep their decimal form, floats like 3.0 become '3'."""
+    expr = pl.col(col)
+    if dtype.is_float():
+        expr = pl.when(expr == expr.floor()).then(expr.cast(pl.Int64)).otherwise(None)
+    return expr.cast(pl.String)
+
+
+def _as_seconds(col: str, dtype: pl.DataType, unit: TimeUnit) -> pl.Expr:
+    """Timestamps as int64 unix seconds, or null where the value cannot be parsed."""
+    expr = pl.col(col)
+    div = _UNIT_DIVISOR[unit]
+    if dtype == pl.String:
+        as_int = expr.str.strip_chars().cast(pl.Int64, strict=False)
+        as_iso = (
+            expr.str.strip_chars()
+            .str.to_datetime(time_zone="UTC", strict=False, time_unit="us")
+            .dt.epoch("s")
+        )
+        return pl.when(as_int.is_not_null()).then(as_int.floordiv(div)).otherwise(as_iso)
+    if dtype.is_integer():
+        return expr.cast(pl.Int64).floordiv(div)
+    if dtype.is_float():
+        return (expr / div).floor().cast(pl.Int64, strict=False)
+    if isinstance(dtype, pl.Datetime | pl.Date):
+        return expr.dt.epoch("s")
+    return pl.lit(None, dtype=pl.Int64)
+
+
+def _examples(frame: pl.DataFrame, mask: pl.Series, columns: list[str]) -> str:
+    rows = frame.filter(mask).head(_EXAMPLES).select(["row", *columns]).to_dicts()
+    return "; ".join(", ".join(f"{k}={v!r}" for k, v in r.items()) for r in rows)
+
+
+def _fail(path: Path, frame: pl.DataFrame, mask: pl.Series, what: str, columns: list[str]) -> None:
+    count = int(mask.sum())
+    if count:
+        raise DataValidationError(
+            f"{path}: {count:,} of {frame.height:,} rows {what}; e.g. {_examples(frame, mask, columns)}"
+        )
+
+
+def read_interactions(
+    path: Path, fmt: FileFormat | None, columns: ColumnMap, unit: TimeUnit
+) -> pl.DataFrame:
+    """Read and validate an interaction log into the normal form (see module docstring)."""
+    fmt = detect_format(path, fmt)
+    lf = _scan(path, fmt)
+    schema = _schema(path, fmt, lf)
+    _require(
+        path,
+        schema,
+        {columns.user: "--user-col", columns.item: "--item-col", columns.time: "--time-col"},
+    )
+    has_category = columns.category in schema
+    time_dtype = schema[columns.time]
+    lf = lf.with_row_index("row").select(
+        "row",
+        _as_id(columns.user, schema[columns.user]).alias("user_id"),
+        _as_id(columns.item, schema[columns.item]).alias("item_id"),
+        pl.col(columns.time).cast(pl.String).alias("raw_time"),
+        _as_seconds(columns.time, time_dtype, unit).alias("timestamp"),
+        (
+            pl.col(columns.category).cast(pl.String)
+            if has_category
+            else pl.lit(None, dtype=pl.String)
+        ).alias("category"),
+    )
+    try:
+        frame = lf.collect()
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        raise DataValidationError(f"{path}: cannot read as {fmt}: {_first_line(exc)}") from exc
+    if frame.height == 0:
+        raise DataValidationError(f"{path}: no interactions (the file has a header but no rows)")
+    _validate(path, frame, columns, unit)
+    return frame.drop("raw_time")
+
+
+def _validate(path: Path, frame: pl.DataFrame, columns: ColumnMap, unit: TimeUnit) -> None:
+    _fail(path, frame, frame["user_id"].is_null(), f"have no {columns.user!r}", ["user_id"])
+    _fail(path, frame, frame["item_id"].is_null(), f"have no {columns.item!r}", ["item_id"])
+    _fail(path, frame, frame["raw_time"].is_null(), f"have no {columns.time!r}", ["raw_time"])
+    _fail(
+        path,
+        frame,
+        frame["timestamp"].is_null(),
+        f"have an unparseable {columns.time!r} (expected integer unix {unit} or ISO-8601)",
+        ["raw_time"],
+    )
+    _fail(
+        path,
+        frame,
+        frame["timestamp"] < 0,
+        f"have a negative {columns.time!r} (expected unix time >= 0)",
+        ["raw_time"],
+    )
+    if unit == "s":
+        _fail(
+            path,
+            frame,
+            frame["timestamp"] > _MAX_PLAUSIBLE_SECONDS,
+            f"have a {columns.time!r} after the year 5000 as seconds: "
+            "pass --time-unit ms (or us/ns) if the log holds milliseconds",
+            ["raw_time"],
+        )
+
+
+def read_catalog(path: Path, fmt: FileFormat | None, columns: ColumnMap) -> pl.DataFrame:
+    """Read and validate an item catalog into `item_id, category` strings, one row per item."""
+    fmt = detect_format(path, fmt if fmt is not None else None)
+    lf = _scan(path, fmt)
+    schema = _schema(path, fmt, lf)
+    _require(path, schema, {columns.item: "--item-col", columns.category: "--category-col"})
+    try:
+        frame = (
+            lf.with_row_index("row")
+            .select(
+                "row",
+                _as_id(columns.item, schema[columns.item]).alias("item_id"),
+                pl.col(columns.category).cast(pl.String).alias("category"),
+            )
+            .collect()
+        )
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        raise DataValidationError(f"{path}: cannot read as {fmt}: {_first_line(exc)}") from exc
+    if frame.height == 0:
+        raise DataValidationError(f"{path}: the item catalog has no rows")
+    _fail(path, frame, frame["item_id"].is_null(), f"have no {columns.item!r}", ["item_id"])
+    _fail(path, frame, frame["category"].is_null(), f"have no {columns.category!r}", ["item_id"])
+    frame = frame.unique(["item_id", "category"], keep="first", maintain_order=True)
+    conflicting = frame["item_id"].is_duplicated()
+    _fail(
+        path,
+        frame,
+        conflicting,
+        "give an item a second, different category (expected one category per item)",
+        ["item_id", "category"],
+    )
+    return frame.select("item_id", "category")
+
+
+def attach_categories(
+    events: pl.DataFrame,
+    catalog: pl.DataFrame | None,
+    *,
+    events_path: Path,
+    catalog_path: Path | None,
+    policy: str,
+    category_col: str,
+) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """Give every event its item's category, from the catalog or the log's own column.
+
+    With the catalog, items it lacks are an error or get the "unknown" category (`policy`).
+    Without one, the log's category column is used; an item's first category in the log wins.
+    """
+    info: dict[str, Any] = {"source": "catalog" if catalog is not None else "interactions"}
+    if catalog is not None:
+        joined = events.drop("category").join(catalog, on="item_id", how="left")
+        missing = joined["category"].is_null()
+        n_missing = int(missing.sum())
+        info["events_missing_from_catalog"] = n_missing
+        if n_missing and policy == "error":
+            items = joined.filter(missing)["item_id"].unique(maintain_order=True)
+            raise DataValidationError(
+                f"{events_path}: {n_missing:,} rows reference {items.len():,} item(s) missing "
+                f"from the catalog {catalog_path} (column {category_col!r}); e.g. "
+                f"{_examples(joined, missing, ['item_id'])}. "
+                "Add them to the catalog or pass --missing-items unknown"
+            )
+        joined = joined.with_columns(pl.col("category").fill_null(UNKNOWN_CATEGORY))
+        return joined.sort("row"), info
+    if events["category"].null_count() == events.height:
+        raise DataValidationError(
+            f"{events_path}: no {category_col!r} column and no --items catalog: "
+            "expected categories on the events or in an item catalog (item_id, category)"
+        )
+    missing = events["category"].is_null()
+    n_missing = int(missing.sum())
+    info["events_without_category"] = n_missing
+    if n_missing and policy == "error":
+        _fail(
+            events_path,
+            events,
+            missing,
+            f"have no {category_col!r} (pass --missing-items unknown to allow it)",
+            ["item_id"],
+        )
+    first = (
+        events.filter(~missing)
+        .group_by("item_id", maintain_order=True)
+        .agg(pl.col("category").first().alias("item_category"), pl.col("category").n_unique())
+    )
+    info["items_with_several_categories"] = int((first["category"] > 1).sum())
+    out = (
+        events.join(first.drop("category"), on="item_id", how="left", maintain_order="left")
+        .with_columns(pl.col("item_category").fill_null(UNKNOWN_CATEGORY).alias("category"))
+        .drop("item_category")
+    )
+    return out, info
