@@ -15,6 +15,14 @@ from pathlib import Path
 from pipelines.errors import DataValidationError
 
 
+def check_output(out: Path, *, overwrite: bool = False) -> None:
+    """Fail early (before any work) if `out` exists, is not empty and may not be replaced."""
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise DataValidationError(
+            f"{out}: output already exists and is not empty (pass --overwrite to replace it)"
+        )
+
+
 @contextmanager
 def atomic_directory(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory beside `out`; on success it replaces `out`.
@@ -23,10 +31,7 @@ def atomic_directory(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
     deleted only after the new directory is in place.
     """
     out = Path(out)
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise DataValidationError(
-            f"{out}: output already exists and is not empty (pass --overwrite to replace it)"
-        )
+    check_output(out, overwrite=overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import polars as pl
 
 from pipelines.config import SECONDS_PER_DAY, SessionRule
@@ -144,6 +145,71 @@ class UserFeatures:
     history_end: int
 
 
+@dataclass(frozen=True)
+class History:
+    """One user's stored events as vocabulary indices, in arrival order."""
+
+    items: Sequence[int]
+    categories: Sequence[int]
+    timestamps: Sequence[int]
+
+    def __post_init__(self) -> None:
+        if not (len(self.items) == len(self.categories) == len(self.timestamps)):
+            raise ValueError("items, categories and timestamps must have the same length")
+
+
+def features_frame(
+    histories: Sequence[History],
+    nows: Sequence[int],
+    *,
+    session: SessionRule,
+    max_long: int,
+    max_short: int,
+) -> pl.DataFrame:
+    """Features of each user's next event at their `now`, one row per history, in order.
+
+    Events after `now` are ignored. A sentinel event at `now` is appended to each history
+    (after every event with the same timestamp) and the offline per-target construction runs
+    on it, so the current session, long-term history and time features are exactly those
+    training computes. Batching many users into one call amortises Polars' per-query cost.
+    """
+    if len(histories) != len(nows):
+        raise ValueError("one `now` per history is needed")
+    lengths = np.array([len(h.items) + 1 for h in histories], dtype=np.int64)
+    sentinel = np.zeros(int(lengths.sum()), dtype=bool)
+    sentinel[np.cumsum(lengths) - 1] = True
+
+    def column(values: list[Sequence[int]], last: Sequence[int], dtype: type) -> np.ndarray:
+        out = np.empty(len(sentinel), dtype=dtype)
+        out[~sentinel] = np.concatenate([np.asarray(v, dtype=dtype) for v in values] or [[]])
+        out[sentinel] = np.asarray(last, dtype=dtype)
+        return out
+
+    n = len(histories)
+    events = pl.LazyFrame(
+        {
+            "user": np.repeat(np.arange(1, n + 1, dtype=np.int32), lengths),
+            "item": column([h.items for h in histories], [0] * n, np.int32),
+            "category": column([h.categories for h in histories], [0] * n, np.int32),
+            "timestamp": column([h.timestamps for h in histories], nows, np.int64),
+            "now": np.repeat(np.asarray(nows, dtype=np.int64), lengths),
+            "sentinel": sentinel,
+        }
+    )
+    events = events.filter(pl.col("timestamp") <= pl.col("now")).sort(
+        "user", "timestamp", "sentinel", maintain_order=True
+    )
+    table = event_table(events, session)
+    examples = target_examples(table, pl.col("sentinel")).with_columns(
+        (pl.col("user") - 1).cast(pl.Int64).alias("ex")
+    )
+    return (
+        attach_features(examples, table, max_long=max_long, max_short=max_short)
+        .select("long_items", "long_tau", "short_items", "user_category", "ref_time", "history_end")
+        .collect()
+    )
+
+
 def user_features(
     items: Sequence[int],
     categories: Sequence[int],
@@ -154,41 +220,27 @@ def user_features(
     max_long: int,
     max_short: int,
 ) -> UserFeatures:
-    """Features of one user's next event at time `now`, from their events (item/category indices).
+    """Features of one user's next event at time `now` (see `features_frame`)."""
+    frame = features_frame(
+        [History(items, categories, timestamps)],
+        [now],
+        session=session,
+        max_long=max_long,
+        max_short=max_short,
+    )
+    return to_user_features(frame)[0]
 
-    Events after `now` are ignored. A sentinel event at `now` is appended (after every event
-    with the same timestamp) and the offline per-target construction is run on it, so the
-    current session, long-term history and time features are those training would compute.
-    """
-    n = len(items)
-    if not (len(categories) == len(timestamps) == n):
-        raise ValueError("items, categories and timestamps must have the same length")
-    events = pl.LazyFrame(
-        {
-            "user": pl.Series([1] * (n + 1), dtype=pl.Int32),
-            "item": pl.Series([*items, 0], dtype=pl.Int32),
-            "category": pl.Series([*categories, 0], dtype=pl.Int32),
-            "timestamp": pl.Series([*timestamps, now], dtype=pl.Int64),
-            "sentinel": pl.Series([False] * n + [True], dtype=pl.Boolean),
-        }
-    )
-    events = events.filter(pl.col("timestamp") <= now).sort(
-        "timestamp", "sentinel", maintain_order=True
-    )
-    table = event_table(events, session)
-    examples = target_examples(table, pl.col("sentinel")).with_columns(
-        pl.lit(0, dtype=pl.Int64).alias("ex")
-    )
-    row = (
-        attach_features(examples, table, max_long=max_long, max_short=max_short)
-        .collect()
-        .row(0, named=True)
-    )
-    return UserFeatures(
-        long_items=list(row["long_items"]),
-        long_tau=list(row["long_tau"]),
-        short_items=list(row["short_items"]),
-        user_category=int(row["user_category"]),
-        ref_time=int(row["ref_time"]),
-        history_end=int(row["history_end"]),
-    )
+
+def to_user_features(frame: pl.DataFrame) -> list[UserFeatures]:
+    """Rows of `features_frame` as plain Python records."""
+    return [
+        UserFeatures(
+            long_items=list(r["long_items"]),
+            long_tau=list(r["long_tau"]),
+            short_items=list(r["short_items"]),
+            user_category=int(r["user_category"]),
+            ref_time=int(r["ref_time"]),
+            history_end=int(r["history_end"]),
+        )
+        for r in frame.iter_rows(named=True)
+    ]

@@ -14,7 +14,7 @@ from typing import Any
 
 import polars as pl
 
-from pipelines.atomic import atomic_directory
+from pipelines.atomic import atomic_directory, check_output
 from pipelines.cleaning import StepCount, clean
 from pipelines.config import PrepareConfig
 from pipelines.errors import DataValidationError
@@ -109,6 +109,7 @@ def prepare_dataset(
     config: PrepareConfig, out: Path, *, overwrite: bool = False, progress: bool = True
 ) -> PreparedDataset:
     """Run the whole pipeline and write the dataset directory atomically."""
+    check_output(Path(out), overwrite=overwrite)
     steps = Steps(enabled=progress)
     with steps.step("read interactions"):
         raw = read_interactions(

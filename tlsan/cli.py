@@ -33,18 +33,21 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with `only`, just that command's module is imported (fast start-up:
+    `tlsan prepare` never pays for importing torch or MLflow)."""
     parser = argparse.ArgumentParser(
         prog="tlsan", description="Time-aware sequential recommendation with TLSAN."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMANDS:
+    for name in COMMANDS if only is None else (only,):
         importlib.import_module(f"tlsan.commands.{name}").register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
     args = parser.parse_args(argv)
     try:
         status = args.func(args)

@@ -1,0 +1,178 @@
+"""A deliberately naive, loop-based restatement of DESIGN.md's example construction.
+
+The Polars pipeline is checked against it on random logs: two independent readings of the
+same rules must agree example for example.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DAY = 86_400
+
+
+@dataclass(frozen=True)
+class Event:
+    user: str
+    item: str
+    category: str
+    ts: int
+
+
+@dataclass(frozen=True)
+class RefExample:
+    split: str
+    user: str
+    long_items: tuple[str, ...]
+    long_tau: tuple[float, ...]
+    short_items: tuple[str, ...]
+    target: str
+    user_category: str | None
+    ref_time: int
+    history_end: int
+
+
+def tau(ref_ts: int, ts: int) -> float:
+    delta = max(1, ref_ts // DAY - ts // DAY + 1)
+    buckets = sum(1 for k in range(1, 13) if delta >= 2**k)
+    return 1.0 / max(1, buckets)
+
+
+def sessions_of(events: list[Event], rule: str, gap: int) -> list[list[int]]:
+    """Lists of positions, one per session."""
+    out: list[list[int]] = []
+    for pos, e in enumerate(events):
+        if pos == 0:
+            out.append([pos])
+            continue
+        prev = events[pos - 1]
+        new = e.ts // DAY != prev.ts // DAY if rule == "day" else e.ts - prev.ts > gap
+        if new:
+            out.append([pos])
+        else:
+            out[-1].append(pos)
+    return out
+
+
+def mode_category(events: list[Event]) -> str | None:
+    counts: dict[str, int] = {}
+    best, best_count = None, 0
+    for e in events:
+        counts[e.category] = counts.get(e.category, 0) + 1
+        if counts[e.category] > best_count:
+            best, best_count = e.category, counts[e.category]
+    return best
+
+
+def choice(user_index: int, seed: int, n: int) -> int:
+    h = (user_index * 1_103_515_245 + seed * 12_345 + 1_013_904_223) % 2_147_483_647
+    h = (h * 1_103_515_245 + 12_345) % 2_147_483_647
+    return h % n
+
+
+def _example(split, user, events, h, short_pos, target, ref, max_long, max_short) -> RefExample:
+    long = events[:h][-max_long:]
+    short = [events[p].item for p in short_pos]
+    if max_short:
+        short = short[-max_short:]
+    return RefExample(
+        split=split,
+        user=user,
+        long_items=tuple(e.item for e in long),
+        long_tau=tuple(tau(ref, e.ts) for e in long),
+        short_items=tuple(short),
+        target=target,
+        user_category=mode_category(events[:h]),
+        ref_time=ref,
+        history_end=h,
+    )
+
+
+def build(
+    by_user: dict[str, list[Event]],
+    user_index: dict[str, int],
+    *,
+    split: str,
+    rule: str = "day",
+    gap: int = 0,
+    cap: int = 0,
+    seed: int = 0,
+    max_long: int = 50,
+    max_short: int = 0,
+    valid_from: int = 0,
+    test_from: int = 0,
+) -> list[RefExample]:
+    """All examples of every user (events already in the pipeline's stable time order)."""
+    out: list[RefExample] = []
+    for user, events in by_user.items():
+        if split != "last-session" and cap:
+            events = events[:cap]
+        sessions = sessions_of(events, rule, gap)
+        if split == "last-session":
+            m = min(len(events), cap) if cap else len(events)
+            user_examples: list[RefExample] = []
+            for s in sessions[1:]:
+                i, c = s[0], len(s)
+                ref = events[i].ts
+                if i + c < m - 1:
+                    user_examples.append(
+                        _example(
+                            "train",
+                            user,
+                            events,
+                            i,
+                            s,
+                            events[i + c].item,
+                            ref,
+                            max_long,
+                            max_short,
+                        )
+                    )
+                else:
+                    r = choice(user_index[user], seed, c)
+                    short_pos = [p for p in s if p != i + r]
+                    user_examples.append(
+                        _example(
+                            "test",
+                            user,
+                            events,
+                            i,
+                            short_pos,
+                            events[i + r].item,
+                            ref,
+                            max_long,
+                            max_short,
+                        )
+                    )
+                    break
+            trains = [k for k, e in enumerate(user_examples) if e.split == "train"]
+            if trains:
+                last = user_examples[trains[-1]]
+                user_examples[trains[-1]] = RefExample(**{**last.__dict__, "split": "valid"})
+            out.extend(user_examples)
+            continue
+        session_of = {p: s for s in sessions for p in s}
+        n = len(events)
+        for pos in range(1, n):
+            s = session_of[pos]
+            i = s[0]
+            short_pos = [p for p in s if p < pos]
+            if split == "leave-one-out":
+                name = "test" if pos == n - 1 else "valid" if pos == n - 2 else "train"
+            else:
+                t = events[pos].ts
+                name = "train" if t < valid_from else "valid" if t < test_from else "test"
+            out.append(
+                _example(
+                    name,
+                    user,
+                    events,
+                    i,
+                    short_pos,
+                    events[pos].item,
+                    events[i].ts,
+                    max_long,
+                    max_short,
+                )
+            )
+    return out
