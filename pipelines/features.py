@@ -32,27 +32,29 @@ def tau(ref_day: pl.Expr, event_day: pl.Expr) -> pl.Expr:
 
 
 def _gather(
-    examples: pl.LazyFrame, table: pl.LazyFrame, start: pl.Expr, end: pl.Expr
+    examples: pl.LazyFrame, table: pl.DataFrame, start: pl.Expr, end: pl.Expr, columns: list[str]
 ) -> pl.LazyFrame:
-    """One row per (example, event in [start, end) of its user), in example then time order."""
+    """One row per (example, event in [start, end) of its user), in example then time order.
+
+    Examples with an empty range keep one row of nulls. `gidx` is a row number of `table`,
+    so the event columns are gathered by position, not joined.
+    """
+    gidx = pl.col("gidx")
     return (
         examples.with_columns(pl.int_ranges(start, end, dtype=pl.Int64).alias("gidx"))
         .explode("gidx", empty_as_null=True)
-        .join(
-            table.select("gidx", "item", "day", "pos"),
-            on="gidx",
-            how="left",
-            maintain_order="left",
-        )
+        .with_columns(pl.lit(table[c]).gather(gidx).alias(c) for c in columns)
     )
 
 
 def attach_features(
-    examples: pl.LazyFrame, table: pl.LazyFrame, *, max_long: int, max_short: int
+    examples: pl.LazyFrame, table: pl.DataFrame, *, max_long: int, max_short: int
 ) -> pl.LazyFrame:
     """Add long_items, long_tau, short_items and user_category to position-described examples.
 
-    `examples` needs the EXAMPLE_KEYS columns plus ref_time; `max_short` 0 keeps whole sessions.
+    `examples` needs the EXAMPLE_KEYS columns plus ref_time, with `ex` numbering the rows
+    0, 1, 2, ... in order; `table` is the collected event table. `max_short` 0 keeps whole
+    sessions.
     """
     off = pl.col("offset")
     h = pl.col("history_end").cast(pl.Int64)
@@ -63,10 +65,11 @@ def attach_features(
             table,
             off + (h - max_long).clip(lower_bound=0),
             off + h,
+            ["item", "day"],
         )
         .group_by("ex", maintain_order=True)
         .agg(
-            pl.col("item").drop_nulls().alias("long_items"),
+            pl.col("item").drop_nulls().cast(pl.Int32).alias("long_items"),
             tau(ref_day.first(), pl.col("day")).drop_nulls().alias("long_tau"),
         )
     )
@@ -79,34 +82,26 @@ def attach_features(
         table,
         off + s_start,
         off + s_end,
+        ["item", "pos"],
     )
     short = short.group_by("ex", maintain_order=True).agg(
         pl.col("item")
         .filter(pl.col("pos").is_not_null() & (pl.col("pos") != pl.col("skip_pos")))
+        .cast(pl.Int32)
         .alias("short_items")
     )
     if max_short:
         short = short.with_columns(pl.col("short_items").list.tail(max_short))
-    category = examples.select(
-        "ex", (off + h - 1).alias("gidx"), (h > 0).alias("has_history")
-    ).join(table.select("gidx", "mode_category"), on="gidx", how="left", maintain_order="left")
-    category = category.select(
-        "ex",
-        pl.when(pl.col("has_history"))
-        .then(pl.col("mode_category"))
+    last = (off + h - 1).clip(lower_bound=0)
+    category = (
+        pl.when(h > 0)
+        .then(pl.lit(table["mode_category"]).gather(last))
         .otherwise(0)
         .cast(pl.Int32)
-        .alias("user_category"),
+        .alias("user_category")
     )
-    return (
-        examples.join(long, on="ex", how="left", maintain_order="left")
-        .join(short, on="ex", how="left", maintain_order="left")
-        .join(category, on="ex", how="left", maintain_order="left")
-        .with_columns(
-            pl.col("long_items").cast(pl.List(pl.Int32)),
-            pl.col("long_tau").cast(pl.List(pl.Float32)),
-            pl.col("short_items").cast(pl.List(pl.Int32)),
-        )
+    return pl.concat(
+        [examples.with_columns(category), long.drop("ex"), short.drop("ex")], how="horizontal"
     )
 
 
@@ -199,8 +194,8 @@ def features_frame(
     events = events.filter(pl.col("timestamp") <= pl.col("now")).sort(
         "user", "timestamp", "sentinel", maintain_order=True
     )
-    table = event_table(events, session)
-    examples = target_examples(table, pl.col("sentinel")).with_columns(
+    table = event_table(events, session).collect()
+    examples = target_examples(table.lazy(), pl.col("sentinel")).with_columns(
         (pl.col("user") - 1).cast(pl.Int64).alias("ex")
     )
     return (

@@ -55,15 +55,16 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def build_examples(table: pl.LazyFrame, config: PrepareConfig) -> pl.LazyFrame:
+def build_examples(table: pl.DataFrame, config: PrepareConfig) -> pl.LazyFrame:
     """Examples of the configured split, with features attached, in one lazy plan."""
+    events = table.lazy()
     if config.split == "last-session":
-        examples = paper_examples(table, cap=config.max_events_per_user, seed=config.seed)
+        examples = paper_examples(events, cap=config.max_events_per_user, seed=config.seed)
     elif config.split == "leave-one-out":
-        examples = leave_one_out_examples(table)
+        examples = leave_one_out_examples(events)
     else:
         assert config.valid_from is not None and config.test_from is not None
-        examples = time_examples(table, valid_from=config.valid_from, test_from=config.test_from)
+        examples = time_examples(events, valid_from=config.valid_from, test_from=config.test_from)
     examples = examples.with_row_index("ex").with_columns(pl.col("ex").cast(pl.Int64))
     featured = attach_features(
         examples, table, max_long=config.max_long, max_short=config.max_short
@@ -141,7 +142,7 @@ def prepare_dataset(
     with steps.step("sessions"):
         table = event_table(events.lazy(), config.session).collect()
     with steps.step("examples and features"):
-        examples = build_examples(table.lazy(), config).collect()
+        examples = build_examples(table, config).collect()
     parts = {name: examples.filter(pl.col("split") == name).drop("split") for name in SPLITS}
     for name in ("train", "test"):
         if parts[name].height == 0:

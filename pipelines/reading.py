@@ -239,7 +239,9 @@ def attach_categories(
     """
     info: dict[str, Any] = {"source": "catalog" if catalog is not None else "interactions"}
     if catalog is not None:
-        joined = events.drop("category").join(catalog, on="item_id", how="left")
+        joined = events.drop("category").join(
+            catalog, on="item_id", how="left", maintain_order="left"
+        )
         missing = joined["category"].is_null()
         n_missing = int(missing.sum())
         info["events_missing_from_catalog"] = n_missing
@@ -252,7 +254,7 @@ def attach_categories(
                 "Add them to the catalog or pass --missing-items unknown"
             )
         joined = joined.with_columns(pl.col("category").fill_null(UNKNOWN_CATEGORY))
-        return joined.sort("row"), info
+        return joined, info
     if events["category"].null_count() == events.height:
         raise DataValidationError(
             f"{events_path}: no {category_col!r} column and no --items catalog: "
