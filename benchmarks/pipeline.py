@@ -66,9 +66,7 @@ def _pandas_paper(log_dir: Path) -> dict:
         for i, end in bounds[1:]:
             history = item_list[:i]
             ref = days[i]
-            _tau = [
-                1.0 / max(1, min(12, (ref - d + 1).bit_length() - 1)) for d in days[:i][-50:]
-            ]
+            _tau = [1.0 / max(1, min(12, (ref - d + 1).bit_length() - 1)) for d in days[:i][-50:]]
             _ = (history[-50:], item_list[i:end])
             if end < m - 1:
                 train += 1
