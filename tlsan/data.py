@@ -1,0 +1,546 @@
+"""A prepared dataset dir (docs/dataset-format.md) as padded tensors, loaded once.
+
+Training and evaluation never touch a DataFrame after loading: every split becomes a handful of
+int64/float32 tensors, the items each example's user had seen before it are answered from one
+per-user index of the event log (`UserHistory`: sorted `user * n_items + item` keys with the
+position of their first event, O(events) memory whatever the split), and a batch is a row gather
+plus vectorised negative sampling with rejection against that index.
+
+Layout of the padded arrays: `long_items`/`long_tau` and `short_items` are **right-aligned**
+(the most recent event in the last column, padding 0 on the left), so "the last Ls long-term
+events" is the slice `[:, -Ls:]`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+from torch import Tensor
+
+from pipelines.errors import DataValidationError
+
+SPLITS: tuple[str, ...] = ("train", "valid", "test")
+EXAMPLE_SCHEMA: dict[str, Any] = {
+    "user": pl.Int32,
+    "long_items": pl.List(pl.Int32),
+    "long_tau": pl.List(pl.Float32),
+    "short_items": pl.List(pl.Int32),
+    "target": pl.Int32,
+    "user_category": pl.Int32,
+    "ref_time": pl.Int64,
+    "history_end": pl.Int32,
+}
+MAX_REJECTION_ROUNDS = 64
+
+
+@dataclass(frozen=True)
+class VocabSizes:
+    """Embedding-table rows per vocabulary (max index + 1; row 0 is padding)."""
+
+    users: int
+    items: int
+    categories: int
+
+    def to_dict(self) -> dict[str, int]:
+        return {"users": self.users, "items": self.items, "categories": self.categories}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VocabSizes:
+        return cls(int(data["users"]), int(data["items"]), int(data["categories"]))
+
+
+@dataclass
+class Batch:
+    """Model input for B examples (all tensors on the CPU, int64 indices, 0 = padding).
+
+    `target` is 0 where unknown (serving); `negatives` is set for training batches only.
+    User index 0 means "unknown user": models use neutral personal parameters for it.
+    """
+
+    user: Tensor  # (B,)
+    long_items: Tensor  # (B, L) right-aligned
+    long_tau: Tensor  # (B, L) float32, 0 at padding
+    short_items: Tensor  # (B, S) right-aligned
+    user_category: Tensor  # (B,)
+    target: Tensor  # (B,)
+    negatives: Tensor | None = None  # (B, K)
+
+    def __len__(self) -> int:
+        return int(self.user.shape[0])
+
+
+def fold_sessions(batch: Batch, rows: Tensor, tau: float = 1.0) -> Batch:
+    """Move the short-term items of the rows where `rows` (B,) is True into the long-term
+    history (time feature `tau`), leaving their current session empty.
+
+    Paper-split training examples always have a non-empty current session, while test and
+    serving examples often have none (the target opens a new session and the previous one is
+    long-term history by then); folding some training sessions shows the model that case.
+    """
+    if not bool(rows.any()):
+        return batch
+    L = batch.long_items.shape[1]
+    short = batch.short_items * rows.unsqueeze(1)  # (B, S) only the folded rows
+    items = torch.cat([batch.long_items, short], 1)  # padding in the middle
+    taus = torch.cat([batch.long_tau, (short > 0).to(batch.long_tau.dtype) * tau], 1)
+    order = torch.sort((items > 0).to(torch.int8), dim=1, stable=True).indices
+    return replace(
+        batch,
+        long_items=items.gather(1, order)[:, -L:],
+        long_tau=taus.gather(1, order)[:, -L:],
+        short_items=batch.short_items * ~rows.unsqueeze(1),
+    )
+
+
+def _padded(values: np.ndarray, lengths: np.ndarray, width: int, dtype: Any) -> np.ndarray:
+    """Right-aligned (N, width) array from flat list values and per-row lengths."""
+    n = len(lengths)
+    out = np.zeros((n, max(width, 1)), dtype=dtype)
+    if values.size:
+        rows = np.repeat(np.arange(n), lengths)
+        starts = np.cumsum(lengths) - lengths
+        within = np.arange(values.size) - np.repeat(starts, lengths)
+        out[rows, out.shape[1] - np.repeat(lengths, lengths) + within] = values
+    return out
+
+
+def _list_column(frame: pl.DataFrame, name: str, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Flat values and lengths of a list column (no per-row Python)."""
+    lengths = frame.get_column(name).list.len().fill_null(0).to_numpy().astype(np.int64)
+    values = frame.get_column(name).explode().drop_nulls().to_numpy().astype(dtype)
+    return values, lengths
+
+
+@dataclass
+class ExampleArrays:
+    """The padded tensors of a frame of examples (a split, or serving's features)."""
+
+    user: Tensor
+    long_items: Tensor
+    long_tau: Tensor
+    short_items: Tensor
+    user_category: Tensor
+    target: Tensor
+    history_end: Tensor
+    ref_time: Tensor
+
+    def __len__(self) -> int:
+        return int(self.user.shape[0])
+
+    def batch(self, rows: Tensor | None = None, negatives: Tensor | None = None) -> Batch:
+        """The examples at `rows` (all when None) as a model batch."""
+        if rows is None:
+            return Batch(
+                self.user,
+                self.long_items,
+                self.long_tau,
+                self.short_items,
+                self.user_category,
+                self.target,
+                negatives,
+            )
+        return Batch(
+            self.user[rows],
+            self.long_items[rows],
+            self.long_tau[rows],
+            self.short_items[rows],
+            self.user_category[rows],
+            self.target[rows],
+            negatives,
+        )
+
+
+def arrays_from_frame(
+    frame: pl.DataFrame, *, max_long: int | None = None, max_short: int | None = None
+) -> ExampleArrays:
+    """Padded tensors from example rows (columns of docs/dataset-format.md).
+
+    `target`, `history_end` and `ref_time` may be missing (serving features): they become 0.
+    Widths default to the longest list in the frame.
+    """
+    n = frame.height
+    long_values, long_len = _list_column(frame, "long_items", np.int64)
+    tau_values, tau_len = _list_column(frame, "long_tau", np.float32)
+    if not np.array_equal(long_len, tau_len):
+        raise DataValidationError("long_tau: expected one value per long_items entry")
+    short_values, short_len = _list_column(frame, "short_items", np.int64)
+    width_long = max_long or int(long_len.max(initial=0))
+    width_short = max_short or int(short_len.max(initial=0))
+    if long_len.max(initial=0) > width_long or short_len.max(initial=0) > width_short:
+        raise DataValidationError(
+            f"examples: history longer than the padded width ({width_long}/{width_short})"
+        )
+
+    def scalar(name: str) -> Tensor:
+        if name not in frame.columns:
+            return torch.zeros(n, dtype=torch.int64)
+        return torch.from_numpy(frame.get_column(name).fill_null(0).to_numpy().astype(np.int64))
+
+    return ExampleArrays(
+        user=scalar("user"),
+        long_items=torch.from_numpy(_padded(long_values, long_len, width_long, np.int64)),
+        long_tau=torch.from_numpy(_padded(tau_values, tau_len, width_long, np.float32)),
+        short_items=torch.from_numpy(_padded(short_values, short_len, width_short, np.int64)),
+        user_category=scalar("user_category"),
+        target=scalar("target"),
+        history_end=scalar("history_end"),
+        ref_time=scalar("ref_time"),
+    )
+
+
+@dataclass
+class UserHistory:
+    """Every user's events in order, indexed for "had the user seen item i before position p".
+
+    `pair_keys` holds `user * n_items + item` once per (user, item) pair, sorted, and
+    `first_pos` the position of that pair's first event: item i is in the user's first p events
+    iff its pair exists and `first_pos < p`. Memory is O(events), whatever the split.
+    """
+
+    user_start: Tensor  # (n_users + 1,) offsets of each user's events in `items`
+    items: Tensor  # (n_events,) item of every event, by user then pos
+    pair_keys: Tensor  # (n_pairs,) sorted
+    first_pos: Tensor  # (n_pairs,)
+    n_items: int
+
+    @classmethod
+    def from_events(
+        cls, users: np.ndarray, items: np.ndarray, n_users: int, n_items: int
+    ) -> UserHistory:
+        """From event columns sorted by user and pos (as events.parquet is)."""
+        user_start = np.searchsorted(users, np.arange(n_users + 1)).astype(np.int64)
+        pos = np.arange(users.size, dtype=np.int64) - user_start[users]
+        keys, first = np.unique(users * n_items + items, return_index=True)
+        return cls(
+            torch.from_numpy(user_start),
+            torch.from_numpy(items.astype(np.int64)),
+            torch.from_numpy(keys.astype(np.int64)),
+            torch.from_numpy(pos[first]),
+            n_items,
+        )
+
+    def seen_before(self, users: Tensor, items: Tensor, ends: Tensor) -> Tensor:
+        """Elementwise (broadcast): did `users` have `items` among their first `ends` events?"""
+        if self.pair_keys.numel() == 0:
+            return torch.zeros(torch.broadcast_shapes(users.shape, items.shape), dtype=torch.bool)
+        keys = users * self.n_items + items
+        at = torch.searchsorted(self.pair_keys, keys).clamp_(max=self.pair_keys.numel() - 1)
+        return (self.pair_keys[at] == keys) & (self.first_pos[at] < ends)
+
+    def prefixes(self, users: Tensor, ends: Tensor) -> tuple[Tensor, Tensor]:
+        """(row, item) for the first `ends[r]` events of `users[r]`, every row r."""
+        rows = torch.repeat_interleave(torch.arange(users.numel()), ends)
+        offsets = torch.arange(rows.numel()) - torch.repeat_interleave(ends.cumsum(0) - ends, ends)
+        return rows, self.items[self.user_start[users][rows] + offsets]
+
+
+@dataclass
+class Split:
+    """One split's examples plus what each example's user had seen before it.
+
+    An example's history ("seen" items, excluded from ranking and from negative sampling) is
+    the user's events with `pos < history_end` plus its short-term items. Datasets loaded from
+    disk answer that from the shared per-user index `history`; a split built by hand may give
+    `keys` instead: sorted unique `row * n_items + item` of every seen pair.
+    """
+
+    name: str
+    arrays: ExampleArrays
+    keys: Tensor | None  # (nnz,) int64 sorted, when `history` is None
+    n_items: int
+    history: UserHistory | None = None
+
+    def __len__(self) -> int:
+        return len(self.arrays)
+
+    def seen_mask(self, rows: Tensor, items: Tensor) -> Tensor:
+        """(B, C) bool: was `items[b, c]` in the history of example `rows[b]`?"""
+        if self.history is None:
+            keys_all = self.keys if self.keys is not None else torch.zeros(0, dtype=torch.int64)
+            if keys_all.numel() == 0:
+                return torch.zeros(items.shape, dtype=torch.bool)
+            keys = rows.unsqueeze(1) * self.n_items + items
+            pos = torch.searchsorted(keys_all, keys).clamp_(max=keys_all.numel() - 1)
+            return keys_all[pos] == keys
+        users = self.arrays.user[rows].unsqueeze(1)
+        ends = self.arrays.history_end[rows].unsqueeze(1)
+        seen = self.history.seen_before(users, items, ends)
+        short = self.arrays.short_items[rows].unsqueeze(1)  # (B, 1, S)
+        in_short = ((items.unsqueeze(-1) == short) & (short > 0)).any(-1)
+        return seen | in_short
+
+    def seen_pairs(self, start: int, stop: int) -> tuple[Tensor, Tensor]:
+        """(row - start, item) pairs (unique) of the seen sets of the rows [start, stop)."""
+        if self.history is None:
+            keys_all = self.keys if self.keys is not None else torch.zeros(0, dtype=torch.int64)
+            lo = int(torch.searchsorted(keys_all, torch.tensor(start * self.n_items)))
+            hi = int(torch.searchsorted(keys_all, torch.tensor(stop * self.n_items)))
+            keys = keys_all[lo:hi]
+            return keys // self.n_items - start, keys % self.n_items
+        rows = torch.arange(start, stop)
+        r_hist, i_hist = self.history.prefixes(
+            self.arrays.user[rows], self.arrays.history_end[rows]
+        )
+        short = self.arrays.short_items[rows]
+        r_short, col = (short > 0).nonzero(as_tuple=True)
+        keys = torch.cat([r_hist, r_short]) * self.n_items + torch.cat(
+            [i_hist, short[r_short, col]]
+        )
+        keys = torch.unique(keys)  # sorted
+        return keys // self.n_items, keys % self.n_items
+
+    @property
+    def seen_keys(self) -> Tensor:
+        """All seen pairs as sorted `row * n_items + item` (materialised on demand)."""
+        if self.history is None:
+            return self.keys if self.keys is not None else torch.zeros(0, dtype=torch.int64)
+        rows, items = self.seen_pairs(0, len(self))
+        return rows * self.n_items + items
+
+    def sample_negatives(
+        self, rows: Tensor, count: int, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """(B, count) uniform items outside each example's history and != its target.
+
+        Rejected draws are redrawn (vectorised); after MAX_REJECTION_ROUNDS rounds any left
+        (a user who has seen almost the whole catalog) are kept as they are.
+        """
+        shape = (rows.shape[0], count)
+        neg = torch.randint(1, self.n_items, shape, generator=generator)
+        target = self.arrays.target[rows].unsqueeze(1)
+        for _ in range(MAX_REJECTION_ROUNDS):
+            bad = self.seen_mask(rows, neg) | (neg == target)
+            n_bad = int(bad.sum())
+            if n_bad == 0:
+                break
+            neg[bad] = torch.randint(1, self.n_items, (n_bad,), generator=generator)
+        return neg
+
+    def paper_negatives(self, seed: int = 0) -> Tensor:
+        """One seeded negative per example (the paper's AUC protocol), fixed for a seed."""
+        generator = torch.Generator().manual_seed(seed)
+        return self.sample_negatives(torch.arange(len(self)), 1, generator).squeeze(1)
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        negatives: int = 0,
+        generator: torch.Generator | None = None,
+        shuffle: bool = True,
+        rows: Tensor | None = None,
+    ) -> Iterator[Batch]:
+        """Batches over `rows` (default: all), shuffled with `generator`, with negatives."""
+        rows = torch.arange(len(self)) if rows is None else rows.to(torch.int64)
+        if shuffle:
+            rows = rows[torch.randperm(rows.numel(), generator=generator)]
+        for chunk in rows.split(batch_size):
+            neg = self.sample_negatives(chunk, negatives, generator) if negatives else None
+            yield self.arrays.batch(chunk, neg)
+
+
+@dataclass
+class Dataset:
+    """A prepared dataset dir: vocabulary sizes, item categories, splits, manifest."""
+
+    path: Path
+    manifest: dict[str, Any]
+    sizes: VocabSizes
+    item_category: Tensor  # (n_items,) int64, 0 for padding
+    splits: dict[str, Split]
+
+    @property
+    def dataset_hash(self) -> str:
+        return str(self.manifest.get("dataset_hash", ""))
+
+    @property
+    def train(self) -> Split:
+        return self.split("train")
+
+    @property
+    def valid(self) -> Split:
+        return self.split("valid")
+
+    @property
+    def test(self) -> Split:
+        return self.split("test")
+
+    def split(self, name: str) -> Split:
+        if name not in self.splits:
+            raise DataValidationError(
+                f"{self.path}: split {name!r} not loaded (loaded: {', '.join(self.splits)})"
+            )
+        return self.splits[name]
+
+    def events(self) -> pl.DataFrame:
+        """The cleaned event log (for popularity)."""
+        return pl.read_parquet(self.path / "events.parquet")
+
+    def subset(self, split: str, rows: Tensor) -> Split:
+        """A split restricted to `rows` (unique; e.g. one federated client's examples)."""
+        full = self.split(split)
+        rows = rows.to(torch.int64)
+        arrays = ExampleArrays(*(getattr(full.arrays, f.name)[rows] for f in fields(ExampleArrays)))
+        if full.history is not None:
+            return replace(full, arrays=arrays)
+        new_index = torch.full((len(full),), -1, dtype=torch.int64)
+        new_index[rows] = torch.arange(rows.numel())
+        old = full.seen_keys
+        kept = old[new_index[old // full.n_items] >= 0]
+        new_keys = new_index[kept // full.n_items] * full.n_items + kept % full.n_items
+        return replace(full, arrays=arrays, keys=torch.sort(new_keys).values)
+
+
+def _pad_left(tensor: Tensor, width: int) -> Tensor:
+    return torch.nn.functional.pad(tensor, (width - tensor.shape[1], 0))
+
+
+def concat_splits(name: str, parts: list[Split]) -> Split:
+    """One split holding the examples of `parts` in order (e.g. train + valid for a refit)."""
+    if not parts:
+        raise ValueError("concat_splits needs at least one split")
+    n_items = parts[0].n_items
+    widths = {
+        key: max(getattr(p.arrays, key).shape[1] for p in parts)
+        for key in ("long_items", "long_tau", "short_items")
+    }
+    columns: dict[str, Tensor] = {}
+    for f in fields(ExampleArrays):
+        values = [getattr(p.arrays, f.name) for p in parts]
+        if f.name in widths:
+            values = [_pad_left(v, widths[f.name]) for v in values]
+        columns[f.name] = torch.cat(values)
+    arrays = ExampleArrays(**columns)
+    history = parts[0].history
+    if history is not None and all(p.history is history for p in parts):
+        return Split(name, arrays, None, n_items, history)
+    keys, offset = [], 0
+    for part in parts:
+        keys.append(part.seen_keys + offset * n_items)
+        offset += len(part)
+    return Split(name, arrays, torch.cat(keys), n_items)
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    manifest_path = path / "manifest.json"
+    if not path.is_dir():
+        raise DataValidationError(f"{path}: not a directory; expected a prepared dataset dir")
+    if not manifest_path.is_file():
+        raise DataValidationError(
+            f"{path}: no manifest.json; expected a dataset dir written by `tlsan prepare`"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise DataValidationError(f"{manifest_path}: not valid JSON ({exc})") from exc
+    sizes = manifest.get("vocab_sizes") if isinstance(manifest, dict) else None
+    if not isinstance(sizes, dict) or not {"users", "items", "categories"} <= set(sizes):
+        raise DataValidationError(
+            f"{manifest_path}: expected 'vocab_sizes' with users, items and categories"
+        )
+    return manifest
+
+
+def _read_parquet(path: Path, what: str, columns: dict[str, Any]) -> pl.DataFrame:
+    if not path.is_file():
+        raise DataValidationError(f"{path}: missing; expected {what} of a prepared dataset")
+    try:
+        frame = pl.read_parquet(path, columns=list(columns))
+    except Exception as exc:  # polars raises several types for bad files and missing columns
+        raise DataValidationError(
+            f"{path}: cannot read {what} with columns {', '.join(columns)} ({exc})"
+        ) from exc
+    for name, dtype in columns.items():
+        if frame.schema[name] != dtype:
+            raise DataValidationError(
+                f"{path}: column {name!r} has type {frame.schema[name]}, expected {dtype}"
+            )
+    return frame
+
+
+def _item_categories(path: Path, n_items: int) -> Tensor:
+    items = _read_parquet(
+        path / "vocab" / "items.parquet",
+        "the item vocabulary",
+        {"index": pl.Int32, "category": pl.Int32},
+    )
+    index = items.get_column("index").to_numpy().astype(np.int64)
+    if index.size and (index.min() < 1 or index.max() >= n_items):
+        raise DataValidationError(
+            f"{path / 'vocab' / 'items.parquet'}: item index out of range 1..{n_items - 1}"
+        )
+    table = np.zeros(n_items, dtype=np.int64)
+    table[index] = items.get_column("category").to_numpy()
+    return torch.from_numpy(table)
+
+
+def load_dataset(path: Path, splits: tuple[str, ...] = SPLITS) -> Dataset:
+    """Load a prepared dataset dir; anything that does not fit the contract raises
+    `DataValidationError` naming the file and what was expected."""
+    path = Path(path)
+    manifest = _read_manifest(path)
+    sizes = VocabSizes.from_dict(manifest["vocab_sizes"])
+    item_category = _item_categories(path, sizes.items)
+    events = _read_parquet(
+        path / "events.parquet",
+        "the event log",
+        {"user": pl.Int32, "item": pl.Int32, "pos": pl.Int32},
+    )
+    ev_user = events.get_column("user").to_numpy().astype(np.int64)
+    ev_pos = events.get_column("pos").to_numpy()
+    if ev_user.size and (np.any(np.diff(ev_user) < 0) or ev_user.max() >= sizes.users):
+        raise DataValidationError(
+            f"{path / 'events.parquet'}: expected rows sorted by user with indices < {sizes.users}"
+        )
+    user_start = np.searchsorted(ev_user, np.arange(sizes.users)).astype(np.int64)
+    if ev_user.size and np.any(ev_pos != np.arange(ev_user.size) - user_start[ev_user]):
+        raise DataValidationError(
+            f"{path / 'events.parquet'}: expected 'pos' to count 0, 1, ... within each user"
+        )
+    user_items = events.get_column("item").to_numpy().astype(np.int64)
+    history = UserHistory.from_events(ev_user, user_items, sizes.users, sizes.items)
+    max_lengths = manifest.get("max_lengths", {})
+    loaded: dict[str, Split] = {}
+    for name in splits:
+        file = path / "examples" / f"{name}.parquet"
+        frame = _read_parquet(file, f"the {name} examples", EXAMPLE_SCHEMA)
+        arrays = arrays_from_frame(
+            frame,
+            max_long=int(max_lengths.get("long", 0)) or None,
+            max_short=int(max_lengths.get("short", 0)) or None,
+        )
+        _check_ranges(file, arrays, sizes, user_start, ev_user.size)
+        loaded[name] = Split(name, arrays, None, sizes.items, history)
+    return Dataset(path, manifest, sizes, item_category, loaded)
+
+
+def _check_ranges(
+    file: Path, arrays: ExampleArrays, sizes: VocabSizes, user_start: np.ndarray, n_events: int
+) -> None:
+    """Indices inside the vocabularies and histories inside the event log."""
+    checks = (
+        ("user", arrays.user, sizes.users),
+        ("target", arrays.target, sizes.items),
+        ("long_items", arrays.long_items, sizes.items),
+        ("short_items", arrays.short_items, sizes.items),
+        ("user_category", arrays.user_category, sizes.categories),
+    )
+    for name, values, size in checks:
+        if values.numel() and (int(values.min()) < 0 or int(values.max()) >= size):
+            raise DataValidationError(
+                f"{file}: column {name!r} has indices outside 0..{size - 1} (manifest vocab_sizes)"
+            )
+    if len(arrays):
+        users = arrays.user.numpy()
+        available = np.append(user_start[1:], n_events)[users] - user_start[users]
+        if np.any(arrays.history_end.numpy() > available) or int(arrays.history_end.min()) < 0:
+            raise DataValidationError(
+                f"{file}: column 'history_end' points past the user's events in events.parquet"
+            )

@@ -1,0 +1,264 @@
+"""TLSAN (Zhang et al., "TLSAN: Time-aware Long- and Short-term Attention Network for Next-item
+Recommendation", Neurocomputing 2021) in one file, plus the interface every model answers.
+
+Shapes: B batch, L long-term window (Ls), S short-term items, C candidates, N items in the
+catalog (row 0 = padding), D = d_item + d_cat, H heads, Dh = D / H.
+
+The interface (TLSAN here; `pop` and `sasrec` in tlsan/baselines.py):
+    loss(batch, kind="bce")         -> scalar Tensor (BCE or sampled softmax over the target
+                                       and the batch's sampled negatives)
+    score_candidates(batch, items)  -> (B, C)
+    score_all(batch)                -> (B, N)      == user_vectors(batch) @ item_vectors().T
+    user_vectors(batch)             -> (B, D + 1)  [u_t ; 1]
+    item_vectors()                  -> (N, D + 1)  [x_i ; b_i]  (row 0 is padding)
+The last column carries the item bias against a constant 1, so serving retrieves the top items
+with one maximum-inner-product search.
+
+Personal parameters (`E_u[user]`, `P[user]`) versus global ones is the split federated
+fine-tuning uses; user index 0 ("unknown user") is scored with neutral personal parameters (the
+mean user embedding and the mean P over all known users), which is serving's cold start.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tlsan.config import ModelConfig
+from tlsan.data import Batch, VocabSizes
+from tlsan.errors import ConfigError
+
+NEG_INF = -1e30  # masked attention logits (the reference code's VERY_NEGATIVE_NUMBER)
+
+
+class Recommender(Protocol):
+    """What the trainer, the evaluator, export and serving rely on."""
+
+    trainable: bool
+    vector_dim: int  # D + 1
+
+    def loss(self, batch: Batch, kind: str = "bce") -> Tensor: ...
+    def score_candidates(self, batch: Batch, items: Tensor) -> Tensor: ...
+    def score_all(self, batch: Batch) -> Tensor: ...
+    def user_vectors(self, batch: Batch) -> Tensor: ...
+    def item_vectors(self) -> Tensor: ...
+    def personal_parameter_names(self) -> tuple[str, ...]: ...
+    def l2_parameters(self) -> list[Tensor]: ...
+
+
+def bce_loss(logits: Tensor) -> Tensor:
+    """Binary cross-entropy with the positive in column 0 and negatives after it: (B, 1+K)."""
+    labels = torch.zeros_like(logits)
+    labels[:, 0] = 1.0
+    return F.binary_cross_entropy_with_logits(logits, labels)
+
+
+def softmax_loss(logits: Tensor) -> Tensor:
+    """Sampled softmax: cross-entropy of the positive (column 0) against its negatives."""
+    return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.int64))
+
+
+LOSSES = {"bce": bce_loss, "softmax": softmax_loss}
+
+
+def embedding(rows: int, dim: int) -> nn.Embedding:
+    """Glorot-uniform table with a zero padding row (TensorFlow's default, as in the paper's
+    reference code: the scale matters with SGD at lr 1.0)."""
+    table = nn.Embedding(rows, dim, padding_idx=0)
+    nn.init.xavier_uniform_(table.weight)
+    with torch.no_grad():
+        table.weight[0].zero_()
+    return table
+
+
+def linear(d_in: int, d_out: int) -> nn.Linear:
+    layer = nn.Linear(d_in, d_out)
+    nn.init.xavier_uniform_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+class VectorModel(nn.Module):
+    """Shared scoring for models whose score is `<u_t, x_i> + b_i`.
+
+    Subclasses define `user_state(batch) -> (B, D)` and `item_embed(items) -> (..., D)`.
+    """
+
+    trainable = True
+    personal_names: tuple[str, ...] = ()
+
+    def __init__(self, dim: int, n_items: int, item_category: Tensor) -> None:
+        super().__init__()
+        self.dim = dim
+        self.vector_dim = dim + 1
+        self.b = nn.Parameter(torch.zeros(n_items))  # item bias
+        self.register_buffer("item_category", item_category.to(torch.int64).clone())
+
+    def user_state(self, batch: Batch) -> Tensor:
+        raise NotImplementedError
+
+    def item_embed(self, items: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def score_candidates(self, batch: Batch, items: Tensor) -> Tensor:
+        u = self.user_state(batch)  # (B, D)
+        x = self.item_embed(items)  # (B, C, D)
+        return torch.bmm(x, u.unsqueeze(-1)).squeeze(-1) + self.b[items]  # (B, C)
+
+    def loss(self, batch: Batch, kind: str = "bce") -> Tensor:
+        """`bce` (the paper's) or `softmax` over the target and its sampled negatives."""
+        if batch.negatives is None:
+            raise ValueError("loss() needs a batch with sampled negatives")
+        items = torch.cat([batch.target.unsqueeze(1), batch.negatives], 1)  # (B, 1+K)
+        return LOSSES[kind](self.score_candidates(batch, items))
+
+    def user_vectors(self, batch: Batch) -> Tensor:
+        u = self.user_state(batch)  # (B, D)
+        return torch.cat([u, u.new_ones(u.shape[0], 1)], 1)  # (B, D+1)
+
+    def item_vectors(self) -> Tensor:
+        items = torch.arange(self.b.shape[0], device=self.b.device)
+        return torch.cat([self.item_embed(items), self.b.unsqueeze(1)], 1)  # (N, D+1)
+
+    def score_all(self, batch: Batch) -> Tensor:
+        return self.user_vectors(batch) @ self.item_vectors().T  # (B, N)
+
+    # -- personal versus global parameters (federated fine-tuning) ------------------------------
+    def personal_parameter_names(self) -> tuple[str, ...]:
+        """state_dict names of the per-user tables (row = user index)."""
+        return self.personal_names
+
+    def global_state_dict(self) -> dict[str, Tensor]:
+        """Everything but the personal tables (what a federated server may see)."""
+        personal = set(self.personal_names)
+        return {k: v for k, v in self.state_dict().items() if k not in personal}
+
+    def get_personal(self, users: Tensor) -> dict[str, Tensor]:
+        """Copies of the personal rows of `users`."""
+        state = self.state_dict()
+        return {name: state[name][users].clone() for name in self.personal_names}
+
+    @torch.no_grad()
+    def set_personal(self, users: Tensor, values: dict[str, Tensor]) -> None:
+        """Write personal rows of `users` (shapes as returned by `get_personal`)."""
+        state = self.state_dict(keep_vars=True)
+        for name in self.personal_names:
+            state[name].data[users] = values[name].to(state[name].dtype)
+
+    @torch.no_grad()
+    def neutral_personal(self) -> dict[str, Tensor]:
+        """Mean personal row over all known users (index 1..): the cold-start parameters."""
+        state = self.state_dict()
+        return {name: state[name][1:].mean(0) for name in self.personal_names}
+
+    def l2_parameters(self) -> list[Tensor]:
+        """Tensors the paper's L2 term covers (embedding tables and P)."""
+        return []
+
+
+class FeatureWiseAttention(nn.Module):
+    """Multi-head feature-wise attention (the paper's FWA).
+
+    Per head, `A = W2 relu(W1 X + b1) + b2` (weights shared by the heads); masked positions get
+    -inf; the softmax runs over positions separately for every feature; the output is the
+    softmax-weighted sum of X over positions; heads are concatenated.
+    """
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.heads = heads
+        head_dim = dim // heads
+        self.map1 = linear(head_dim, head_dim)
+        self.map2 = linear(head_dim, head_dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        B, L, D = x.shape  # x (B, L, D), mask (B, L) bool
+        x = x * mask.unsqueeze(-1)  # padding never contributes, whatever row 0 holds
+        xh = x.view(B, L, self.heads, D // self.heads)  # (B, L, H, Dh)
+        a = self.map2(self.dropout(F.relu(self.map1(self.dropout(xh)))))  # (B, L, H, Dh)
+        a = a.masked_fill(~mask.view(B, L, 1, 1), NEG_INF)
+        weights = torch.softmax(a, dim=1)  # over positions, per feature
+        return (weights * xh).sum(1).reshape(B, D)  # (B, D)
+
+
+class TLSAN(VectorModel):
+    """Long-term FWA over the last Ls events (weighted by gamma * P[user, j] * tau_j), a linear
+    summary z, short-term FWA over [z ; session items], plus the user vector [E_u ; E_c].
+
+    Window position j counts from the oldest of the Ls most recent long-term events, with the
+    window right-aligned: j = Ls - 1 is always the most recent event (the reference code pads on
+    the right instead, which makes j's meaning shift for users with fewer than Ls events).
+    """
+
+    personal_names = ("E_u.weight", "P")
+
+    def __init__(self, config: ModelConfig, sizes: VocabSizes, item_category: Tensor) -> None:
+        D = config.dim
+        super().__init__(D, sizes.items, item_category)
+        self.config = config
+        self.E_i = embedding(sizes.items, config.d_item)  # item
+        self.E_c = embedding(sizes.categories, config.d_cat)  # category
+        self.E_u = embedding(sizes.users, config.d_item)  # user (personal)
+        self.P = nn.Parameter(torch.full((sizes.users, config.long_window), -1.0))  # personal
+        self.gamma = nn.Parameter(torch.tensor(1.0))
+        self.fwa_long = FeatureWiseAttention(D, config.heads, config.dropout)
+        self.summary = linear(D, D)
+        self.fwa_short = FeatureWiseAttention(D, config.heads, config.dropout)
+
+    def item_embed(self, items: Tensor) -> Tensor:
+        # (...,) -> (..., D): x_i = [E_i[i] ; E_c[cat(i)]]
+        return torch.cat([self.E_i(items), self.E_c(self.item_category[items])], -1)
+
+    def personal(self, user: Tensor) -> tuple[Tensor, Tensor]:
+        """(E_u[user], P[user]); user 0 (unknown) gets the neutral rows at inference."""
+        e_u, p = self.E_u(user), self.P[user]  # (B, d_item), (B, Ls)
+        if not torch.is_grad_enabled() and bool((user == 0).any()):
+            unknown = (user == 0).unsqueeze(1)
+            e_u = torch.where(unknown, self.E_u.weight[1:].mean(0), e_u)
+            p = torch.where(unknown, self.P[1:].mean(0), p)
+        return e_u, p
+
+    def user_state(self, batch: Batch) -> Tensor:
+        Ls = self.config.long_window
+        long_items, long_tau = batch.long_items[:, -Ls:], batch.long_tau[:, -Ls:]  # (B, <=Ls)
+        if long_items.shape[1] < Ls:  # narrower input: pad on the left (older side)
+            pad = Ls - long_items.shape[1]
+            long_items, long_tau = F.pad(long_items, (pad, 0)), F.pad(long_tau, (pad, 0))
+        e_u, p = self.personal(batch.user)
+        weight = self.gamma * p * long_tau  # (B, Ls)
+        x_long = self.item_embed(long_items) * weight.unsqueeze(-1)  # (B, Ls, D)
+        z = self.summary(self.fwa_long(x_long, long_items > 0))  # (B, D)
+
+        short = batch.short_items  # (B, S)
+        x_short = torch.cat([z.unsqueeze(1), self.item_embed(short)], 1)  # (B, 1+S, D)
+        mask_short = F.pad(short > 0, (1, 0), value=True)  # z always takes part
+        u = torch.cat([e_u, self.E_c(batch.user_category)], -1)  # (B, D)
+        return self.fwa_short(x_short, mask_short) + u  # (B, D)
+
+    def l2_parameters(self) -> list[Tensor]:
+        return [self.E_i.weight, self.E_c.weight, self.E_u.weight, self.P]
+
+
+def build_model(
+    config: ModelConfig, sizes: VocabSizes, item_category: Tensor
+) -> VectorModel | nn.Module:
+    """A freshly initialised model of `config.kind` (call `torch.manual_seed` first for
+    reproducible weights). `pop` starts with zero scores: fit it with `Pop.fit(dataset)`."""
+    from tlsan.baselines import Pop, SASRec
+
+    if item_category.shape[0] != sizes.items:
+        raise ConfigError(
+            f"item_category has {item_category.shape[0]} rows, expected vocab_sizes.items = "
+            f"{sizes.items}"
+        )
+    if config.kind == "tlsan":
+        return TLSAN(config, sizes, item_category)
+    if config.kind == "sasrec":
+        return SASRec(config, sizes, item_category)
+    if config.kind == "pop":
+        return Pop(config, sizes, item_category)
+    raise ConfigError(f"model.kind: expected tlsan, sasrec or pop, got {config.kind!r}")
