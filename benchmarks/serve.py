@@ -1,0 +1,325 @@
+"""Load test of `/recommend` against a bare BentoML endpoint, plus FAISS HNSW vs exact.
+
+One run, bounded: for each fixed concurrency (closed loop, `--requests` requests each, after
+a warm-up) it measures p50/p95/p99 latency and throughput of
+- `POST /recommend` of the real service (bundle + SQLite store materialized from the
+  dataset: Digital_Music users at their test time, some with request events, some unknown
+  users with events, some without any history), and
+- `POST /const` of `BareService` below: the same request model, validated the same way,
+  answered with a constant response of the same size. Its figures are BentoML's own cost,
+  so the ratio says what the recommendation logic costs on top.
+Then an open-loop run at half of `/recommend`'s best throughput (requests sent on a fixed
+schedule, latency counted from the scheduled send time, so queueing is not hidden) gives
+the p99 target figure. Finally `benchmarks/retrieval.py` runs (flat vs HNSW on a synthetic
+catalog, 1M items by default) and its JSON is included.
+
+Both servers run side by side with the same worker count and are measured in alternation
+(`--rounds` rounds per level, the median kept), so background load on a shared machine hits
+both alike; the load generator is aiohttp on asyncio in this process (it shares the cores, as
+a co-located client would).
+
+    python benchmarks/serve.py                       # trains a small model if --bundle is not given
+    python benchmarks/serve.py --bundle out/bundle --data out/dm --retrieval-items 100000
+
+Targets (2-core machine): /recommend throughput >= 50% of the bare endpoint's at the same
+concurrency; p99 <= 25 ms at half the maximum throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import bentoml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from serving.schemas import RecommendRequest, RecommendResponse  # noqa: E402
+
+CONSTANT = RecommendResponse(
+    user_id="0",
+    items=[{"item_id": str(i), "score": 1.0 / (i + 1), "category": str(i % 7)} for i in range(10)],
+    strategy="model",
+    model_version="bare",
+)
+
+
+@bentoml.service(name="bare", workers=int(os.environ.get("TLSAN_WORKERS", "1")))
+class BareService:
+    """The baseline: BentoML's request handling and validation, no recommendation work."""
+
+    @bentoml.api(route="/const", input_spec=RecommendRequest)
+    async def const(
+        self,
+        user_id: str | int,
+        k: int,
+        events: list[Any],
+        now: int | None,
+        exclude_seen: bool,
+        categories: list[Any] | None,
+        explain: bool,
+    ) -> RecommendResponse:
+        return CONSTANT
+
+
+# --------------------------------------------------------------------------- load generation
+def percentiles(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+
+    def pick(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000.0
+
+    return {"p50_ms": pick(0.50), "p95_ms": pick(0.95), "p99_ms": pick(0.99)}
+
+
+async def closed_loop(url: str, bodies: list[bytes], concurrency: int, n: int) -> dict[str, Any]:
+    """`concurrency` clients each sending the next request as soon as the last one answered."""
+    import aiohttp
+
+    latencies: list[float] = []
+    errors: dict[int, int] = {}
+    counter = iter(range(n))
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    headers = {"content-type": "application/json"}
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def client(offset: int) -> None:
+            for i in counter:
+                body = bodies[(i + offset) % len(bodies)]
+                start = time.perf_counter()
+                async with session.post(url, data=body, headers=headers) as resp:
+                    await resp.read()
+                    if resp.status != 200:
+                        errors[resp.status] = errors.get(resp.status, 0) + 1
+                latencies.append(time.perf_counter() - start)
+
+        begin = time.perf_counter()
+        await asyncio.gather(*(client(c * 7919) for c in range(concurrency)))
+        elapsed = time.perf_counter() - begin
+    return {
+        "concurrency": concurrency,
+        "requests": n,
+        "throughput_rps": n / elapsed,
+        **percentiles(latencies),
+        "errors": errors,
+    }
+
+
+async def open_loop(url: str, bodies: list[bytes], rate: float, n: int) -> dict[str, Any]:
+    """Requests sent on a fixed schedule at `rate` per second; latency from the scheduled time."""
+    import aiohttp
+
+    latencies: list[float] = []
+    errors: dict[int, int] = {}
+    connector = aiohttp.TCPConnector(limit=0)
+    headers = {"content-type": "application/json"}
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one(i: int, due: float) -> None:
+            async with session.post(url, data=bodies[i % len(bodies)], headers=headers) as resp:
+                await resp.read()
+                if resp.status != 200:
+                    errors[resp.status] = errors.get(resp.status, 0) + 1
+            latencies.append(time.perf_counter() - due)
+
+        begin = time.perf_counter()
+        tasks = []
+        for i in range(n):
+            due = begin + i / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(i, due)))
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - begin
+    return {
+        "target_rps": rate,
+        "achieved_rps": n / elapsed,
+        "requests": n,
+        **percentiles(latencies),
+        "errors": errors,
+    }
+
+
+def measure(
+    urls: dict[str, str], bodies: list[bytes], levels: list[int], n: int, rounds: int
+) -> dict[str, list[dict[str, Any]]]:
+    """Closed-loop runs, interleaved: at each level every server is measured once per round
+    (in alternating order), so both see the same background load; the round with the median
+    throughput is kept per server and level, with every round's throughput alongside."""
+    for url in urls.values():
+        asyncio.run(closed_loop(url, bodies, max(levels), min(n, 300)))  # warm-up
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in urls}
+    for level in levels:
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in urls}
+        for round_no in range(rounds):
+            names = list(urls) if round_no % 2 == 0 else list(reversed(urls))
+            for name in names:
+                runs[name].append(asyncio.run(closed_loop(urls[name], bodies, level, n)))
+        for name, done in runs.items():
+            done.sort(key=lambda r: r["throughput_rps"])
+            median = dict(done[len(done) // 2])
+            median["rounds_rps"] = [r["throughput_rps"] for r in done]
+            results[name].append(median)
+            print(f"  {name} c={level}: {median['throughput_rps']:.0f} rps "
+                  f"(rounds {[round(r) for r in median['rounds_rps']]}), "
+                  f"p99 {median['p99_ms']:.1f} ms", file=sys.stderr)  # fmt: skip
+    return results
+
+
+# --------------------------------------------------------------------------- fixtures
+def build_bundle(work: Path, epochs: int) -> tuple[Path, Path]:
+    """Digital_Music (paper preset) -> a quickly trained TLSAN -> a bundle."""
+    from tests.fixtures_data import prepare_amazon
+
+    data = prepare_amazon("Digital_Music", work / "data")
+    run = work / "run"
+    tlsan = [sys.executable, "-m", "tlsan"]
+    subprocess.run(
+        [*tlsan, "train", "--data", str(data), "--out", str(run), "--epochs", str(epochs),
+         "--no-mlflow"],
+        check=True, cwd=work,
+    )  # fmt: skip
+    bundle = work / "bundle"
+    subprocess.run(
+        [*tlsan, "export", "--run", str(run), "--data", str(data), "--out", str(bundle)],
+        check=True, cwd=work,
+    )  # fmt: skip
+    return bundle, data
+
+
+def request_bodies(data: Path, n: int, seed: int) -> list[bytes]:
+    """A realistic mix: known users at their test time (+ a request event for some), unknown
+    users with events (neutral personal parameters), and users without history (popularity)."""
+    import polars as pl
+
+    rng = random.Random(seed)
+    test = pl.read_parquet(data / "examples" / "test.parquet")
+    users = dict(pl.read_parquet(data / "vocab" / "users.parquet").iter_rows())
+    items = pl.read_parquet(data / "vocab" / "items.parquet")["item_id"].to_list()
+    rows = test.select("user", "ref_time").rows()
+    bodies = []
+    for i in range(n):
+        user, ref = rows[rng.randrange(len(rows))]
+        body: dict[str, Any] = {"user_id": users[user], "k": 10, "now": ref + 3600}
+        roll = rng.random()
+        if roll < 0.2:
+            body["events"] = [{"item_id": rng.choice(items), "timestamp": ref + 60}]
+        elif roll < 0.25:
+            body["user_id"] = f"new-{i}"
+            body["events"] = [
+                {"item_id": rng.choice(items), "timestamp": ref - 86_400 * d} for d in (3, 1, 0)
+            ]
+        elif roll < 0.3:
+            body["user_id"] = f"cold-{i}"
+        bodies.append(json.dumps(body).encode())
+    return bodies
+
+
+def run_retrieval(items: int) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "retrieval.py"), "--items", str(items),
+         "--variants", "flat,hnsw"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1:] or ["failed"]}
+    return json.loads(proc.stdout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--bundle", type=Path, help="bundle to serve (default: train one)")
+    parser.add_argument("--data", type=Path, help="its prepared dataset (requests, store)")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs when training one")
+    parser.add_argument("--requests", type=int, default=2000, help="requests per level")
+    parser.add_argument("--concurrency", default="1,4,16,32")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per level")
+    parser.add_argument("--open-loop-requests", type=int, default=2000)
+    parser.add_argument("--retrieval-items", type=int, default=1_000_000, help="0 = skip")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    levels = [int(c) for c in args.concurrency.split(",")]
+
+    from feature_store import open_store
+    from feature_store.materialize import materialize
+    from tests.servers import bento_server
+
+    work = Path(tempfile.mkdtemp(prefix="tlsan-bench-serve-"))
+    if args.bundle is None:
+        bundle, data = build_bundle(work, args.epochs)
+    else:
+        if args.data is None:
+            parser.error("--data is needed with --bundle")
+        bundle, data = args.bundle.resolve(), args.data.resolve()
+    store_url = f"sqlite:///{work / 'store.db'}"
+    with open_store(store_url) as store:
+        materialize(data, store)
+    bodies = request_bodies(data, 4000, args.seed)
+    env = {"TLSAN_WORKERS": str(args.workers)}
+    serve = [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", "{port}"]
+
+    report: dict[str, Any] = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "workers": args.workers,
+            "load_average_at_start": os.getloadavg(),
+        },
+        "requests_per_level": args.requests,
+        "rounds_per_level": args.rounds,
+    }
+    print("load tests: bare BentoML endpoint vs /recommend ...", file=sys.stderr)
+    rec_env = {**env, "TLSAN_BUNDLE": str(bundle), "TLSAN_STORE": store_url}
+    with (
+        bento_server(
+            [*serve, "serve:BareService", "--working-dir", str(ROOT / "benchmarks")], env=env
+        ) as bare_server,
+        bento_server([*serve, "serving.service:TlsanService"], env=rec_env) as rec_server,
+    ):
+        url = f"{rec_server.url}/recommend"
+        both = measure(
+            {"bare": f"{bare_server.url}/const", "recommend": url},
+            bodies,
+            levels,
+            args.requests,
+            args.rounds,
+        )
+        bare, rec = both["bare"], both["recommend"]
+        best = max(r["throughput_rps"] for r in rec)
+        half = asyncio.run(open_loop(url, bodies, best / 2, args.open_loop_requests))
+    report["bare"] = bare
+    report["recommend"] = rec
+    report["ratio_recommend_to_bare"] = {
+        str(b["concurrency"]): r["throughput_rps"] / b["throughput_rps"]
+        for b, r in zip(bare, rec, strict=True)
+    }
+    report["open_loop_at_half_max"] = half
+    report["machine"]["load_average_after_load_tests"] = os.getloadavg()
+    report["targets"] = {
+        "throughput_ratio_ge_0.5": {
+            c: ratio >= 0.5 for c, ratio in report["ratio_recommend_to_bare"].items()
+        },
+        "p99_le_25ms_at_half_max": half["p99_ms"] <= 25.0,
+        "median_ratio": statistics.median(report["ratio_recommend_to_bare"].values()),
+    }
+    if args.retrieval_items:
+        print(f"retrieval benchmark ({args.retrieval_items} items) ...", file=sys.stderr)
+        report["retrieval"] = run_retrieval(args.retrieval_items)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

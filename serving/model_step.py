@@ -1,0 +1,81 @@
+"""The model step of serving: feature rows -> user vectors `[u_t ; 1]` (and attention).
+
+Feature rows come from `pipelines.features.features_frame`, i.e. the columns of an offline
+example, so they go through the very batching code training and evaluation use
+(`tlsan.data.arrays_from_frame`). User index 0 asks the model for neutral personal
+parameters (an unknown user).
+
+Explanations (TLSAN only) read the attention the model actually computed: forward hooks on
+its two feature-wise attention modules capture their inputs, and the softmax weights are
+recomputed from them with the modules' own layers, then averaged over features (each
+feature has its own softmax over positions, so the average is again a distribution).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tlsan.bundle import Bundle
+from tlsan.data import arrays_from_frame
+from tlsan.model import NEG_INF, FeatureWiseAttention
+
+
+def fwa_weights(module: FeatureWiseAttention, x: Tensor, mask: Tensor) -> Tensor:
+    """(B, L) attention of a feature-wise attention over positions, mean over features."""
+    B, L, D = x.shape
+    xh = (x * mask.unsqueeze(-1)).view(B, L, module.heads, D // module.heads)
+    a = module.map2(F.relu(module.map1(xh)))  # (B, L, H, Dh); dropout is off in eval mode
+    a = a.masked_fill(~mask.view(B, L, 1, 1), NEG_INF)
+    return torch.softmax(a, dim=1).mean(dim=(2, 3)) * mask  # (B, L)
+
+
+class ModelStep:
+    """The bundle's model in eval mode, answering batches of feature rows."""
+
+    def __init__(self, bundle: Bundle) -> None:
+        self.model: nn.Module = bundle.load_model()
+        self.model.eval()
+        self.explainable = isinstance(getattr(self.model, "fwa_long", None), FeatureWiseAttention)
+
+    @torch.inference_mode()
+    def user_vectors(
+        self, frame: pl.DataFrame, users: np.ndarray, *, explain: np.ndarray | None = None
+    ) -> tuple[np.ndarray, list[dict[str, Any] | None]]:
+        """(B, D + 1) float32 query vectors; per row, the attention when `explain[b]`."""
+        frame = frame.with_columns(pl.Series("user", users.astype(np.int32)))
+        batch = arrays_from_frame(frame).batch()
+        wanted = explain is not None and bool(explain.any()) and self.explainable
+        captured: dict[str, tuple[Tensor, Tensor]] = {}
+        hooks = []
+        if wanted:
+            for name in ("fwa_long", "fwa_short"):
+
+                def hook(_m: nn.Module, args: tuple[Tensor, ...], _o: Tensor, name=name) -> None:
+                    captured[name] = (args[0], args[1])
+
+                hooks.append(getattr(self.model, name).register_forward_hook(hook))
+        try:
+            vectors = self.model.user_vectors(batch).numpy().astype(np.float32, copy=False)
+        finally:
+            for handle in hooks:
+                handle.remove()
+        attention: list[dict[str, Any] | None] = [None] * len(users)
+        if wanted:
+            assert explain is not None
+            long_w = fwa_weights(self.model.fwa_long, *captured["fwa_long"])  # (B, Ls)
+            short_w = fwa_weights(self.model.fwa_short, *captured["fwa_short"])  # (B, 1+S)
+            long_mask = captured["fwa_long"][1]
+            short_mask = captured["fwa_short"][1][:, 1:]
+            for b in np.flatnonzero(explain):
+                attention[b] = {
+                    "long": long_w[b][long_mask[b]].tolist(),
+                    "summary": float(short_w[b, 0]),
+                    "short": short_w[b, 1:][short_mask[b]].tolist(),
+                }
+        return vectors, attention
