@@ -1,0 +1,267 @@
+"""Federated TLSAN (`tlsan federate`): simulation speed, and quality on Digital_Music.
+
+    python benchmarks/federated.py speed     # rounds/s and bytes per round, 100 and 1,000 clients
+    python benchmarks/federated.py quality   # test NDCG@10 / AUC: central vs federated (b) and (c)
+
+`speed` generates a synthetic log (1,000+ users), then runs Flower simulations in which every
+client takes part in every round (100 clients = cohorts of users, 1,000 clients = one user
+each). Round 1 includes starting Ray's actors and is reported separately; the median of the
+later rounds gives rounds/s. Baseline in the same run: the same clients' local work (load the
+device, set the global parameters, train one local epoch, save the personal rows) called
+in-process, one after another, without Flower or Ray.
+
+`quality` prepares Digital_Music from ../shared/data (preset paper), trains (a) centralized
+TLSAN with the default preset, then federates from scratch and evaluates on test (b) the
+federated global model with neutral personal parameters and (c) the same global model with
+each client's fine-tuned personal parameters. `--from-run` adds a federated run started from
+(a)'s run dir (its config, one local epoch per round). Prints one JSON document each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED = ROOT.parent / "shared" / "data" / "amazon"
+METRICS = ("ndcg@10", "hr@10", "auc", "paper_auc")
+
+
+def _synthetic(root: Path, users: int, seed: int) -> Path:
+    from pipelines.config import PrepareConfig, SessionRule
+    from pipelines.prepare import prepare_dataset
+    from pipelines.synthetic import generate_log
+
+    log = generate_log(root / "log", users=users, items=2_000, events=users * 30, seed=seed)
+    config = PrepareConfig(
+        interactions=log.interactions,
+        items=log.items_file,
+        split="leave-one-out",
+        session=SessionRule.parse("gap:30m"),
+    )
+    return prepare_dataset(config, root / "data", progress=False).path
+
+
+def _inprocess_round(devices: list[Path], global_arrays: dict[str, Any], config: Any) -> float:
+    """Seconds for the clients' local work of one round, without Flower (the baseline)."""
+    import torch
+
+    from tlsan.federated.client import (
+        device_model,
+        get_global,
+        load_device,
+        local_epochs,
+        set_global,
+    )
+    from tlsan.federated.partition import device_users
+    from tlsan.federated.personal import load_personal, save_personal
+
+    start = time.perf_counter()
+    for index, device in enumerate(devices):
+        dataset = load_device(device)
+        model = device_model(config, dataset)
+        set_global(model, global_arrays)
+        users = torch.from_numpy(device_users(device))
+        names = model.personal_parameter_names()
+        stored = load_personal(device, names, users)
+        model.set_personal(users, {n: stored[n] for n in names})
+        local_epochs(
+            model, dataset, config, epochs=1, generator=torch.Generator().manual_seed(index)
+        )
+        save_personal(device, users, model.get_personal(users))
+        get_global(model)
+    return time.perf_counter() - start
+
+
+def speed(args: argparse.Namespace) -> dict[str, Any]:
+    from tlsan.config import default_config
+    from tlsan.data import load_dataset
+    from tlsan.federated.partition import device_dir
+    from tlsan.federated.run import FederateOptions, federate
+
+    config = default_config("tlsan").override(threads=1, batch_size=64, negatives=4)
+    out: dict[str, Any] = {"rounds": args.rounds, "runs": []}
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        data = _synthetic(tmp, args.users, args.seed)
+        dataset = load_dataset(data)
+        train_users = int(dataset.train.arrays.user.unique().numel())
+        out["dataset"] = {"users_with_training_examples": train_users, "train": len(dataset.train)}
+        for target in args.clients:
+            per_client = max(1, train_users // target)  # at least `target` clients
+            unit = "user" if per_client == 1 else f"cohort:{per_client}"
+            clients = math.ceil(train_users / per_client)
+            work = tmp / f"work-{target}"
+            options = FederateOptions(
+                data=data,
+                out=tmp / f"run-{target}",
+                rounds=args.rounds,
+                clients_per_round=clients,
+                config=config,
+                client_unit=unit,
+                eval_fraction=0.0,
+                personal_epochs=1,
+                mlflow=False,
+                progress=False,
+                work_dir=work,
+            )
+            began = time.perf_counter()
+            result = federate(options)
+            wall = time.perf_counter() - began
+            later = [r.seconds for r in result.rounds[1:]] or [result.rounds[0].seconds]
+            median_round = statistics.median(later)
+            devices = [device_dir(work / "devices", c) for c in range(result.clients)]
+            global_arrays = _global_arrays(result.run_dir)  # the final global model
+            _inprocess_round(devices[:1], global_arrays, config)  # warm-up
+            baseline = _inprocess_round(devices, global_arrays, config)
+            sent = statistics.median(r.bytes_sent for r in result.rounds)
+            received = statistics.median(r.bytes_received for r in result.rounds)
+            out["runs"].append(
+                {
+                    "clients": result.clients,
+                    "client_unit": unit,
+                    "clients_per_round": clients,
+                    "first_round_seconds": result.rounds[0].seconds,
+                    "median_round_seconds": median_round,
+                    "rounds_per_s": 1.0 / median_round,
+                    "bytes_sent_per_round": sent,
+                    "bytes_received_per_round": received,
+                    "bytes_per_client_per_round": (sent + received) / clients,
+                    "inprocess_round_seconds": baseline,
+                    "flower_vs_inprocess": median_round / baseline,
+                    "wall_seconds": wall,
+                }
+            )
+    return out
+
+
+def _global_arrays(run_dir: Path) -> dict[str, Any]:
+    from tlsan.federated.client import get_global
+    from tlsan.run_dir import load_run
+
+    return get_global(load_run(run_dir).model)
+
+
+def _prepare_digital_music(root: Path) -> Path:
+    from pipelines.config import PrepareConfig, apply_preset
+    from pipelines.prepare import prepare_dataset
+
+    config = PrepareConfig(
+        interactions=SHARED / "Digital_Music.interactions.csv",
+        items=SHARED / "Digital_Music.items.csv",
+    )
+    config = apply_preset(config, "paper", set())
+    return prepare_dataset(config, root / "Digital_Music", progress=False).path
+
+
+def _row(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: round(float(metrics[k]), 5) for k in METRICS}
+
+
+def quality(args: argparse.Namespace) -> dict[str, Any]:
+    from tlsan.config import default_config
+    from tlsan.federated.run import FederateOptions, federate
+    from tlsan.train import fit
+
+    config = default_config("tlsan").override(threads=1, seed=args.seed)
+    fed_config = config.override(batch_size=args.batch_size, lr=args.lr)
+    table: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        data = args.data or _prepare_digital_music(tmp)
+        began = time.perf_counter()
+        central = fit(config, data, tmp / "central", mlflow=False, progress=False)
+        assert central.test is not None
+        table["a_central"] = {**_row(central.test), "wall_seconds": time.perf_counter() - began}
+        options = FederateOptions(
+            data=data,
+            out=tmp / "federated",
+            rounds=args.rounds,
+            clients_per_round=args.clients_per_round,
+            config=fed_config,
+            local_epochs=args.local_epochs,
+            client_unit=args.client_unit,
+            personal_epochs=args.personal_epochs,
+            mlflow=False,
+            progress=not args.quiet,
+        )
+        runs = [("scratch", options)]
+        if args.from_run:
+            runs.append(
+                (
+                    "from_run",
+                    replace(
+                        options,
+                        out=tmp / "federated-from-run",
+                        run=central.run_dir,
+                        config=central.config.override(batch_size=args.batch_size),
+                        rounds=args.from_run_rounds,
+                        local_epochs=1,
+                    ),
+                )
+            )
+        for name, opts in runs:
+            result = federate(opts)
+            table[f"b_federated_neutral_{name}"] = _row(result.neutral_test)
+            table[f"c_federated_personal_{name}"] = {
+                **_row(result.test),
+                "wall_seconds": result.wall_s,
+                "rounds": opts.rounds,
+            }
+            a, b, c = (
+                table["a_central"]["ndcg@10"],
+                result.neutral_test["ndcg@10"],
+                result.test["ndcg@10"],
+            )
+            table[f"summary_{name}"] = {
+                "c_vs_a_ndcg@10_relative": round(c / a - 1.0, 4),
+                "c_within_3pct_of_a": c >= 0.97 * a,
+                "c_vs_b_ndcg@10_relative": round(c / b - 1.0, 4),
+                "valid_ndcg@10_per_round": [
+                    round(r.valid.get("ndcg@10", float("nan")), 5) for r in result.rounds
+                ],
+            }
+    return {
+        "dataset": "Digital_Music (preset paper)",
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "table": table,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="mode", required=True)
+    s = sub.add_parser("speed")
+    s.add_argument("--clients", type=int, nargs="+", default=[100, 1000])
+    s.add_argument("--users", type=int, default=1_000)
+    s.add_argument("--rounds", type=int, default=3)
+    s.add_argument("--seed", type=int, default=0)
+    q = sub.add_parser("quality")
+    q.add_argument("--data", type=Path, help="prepared Digital_Music (default: prepare it)")
+    q.add_argument("--rounds", type=int, default=50)
+    q.add_argument("--clients-per-round", type=int, default=17)
+    q.add_argument("--client-unit", default="cohort:100")
+    q.add_argument("--local-epochs", type=int, default=2)
+    q.add_argument("--batch-size", type=int, default=64)
+    q.add_argument("--lr", type=float, default=5e-3)
+    q.add_argument("--personal-epochs", type=int, default=10)
+    q.add_argument("--from-run", action="store_true", help="also federate from (a)'s run")
+    q.add_argument("--from-run-rounds", type=int, default=10)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--quiet", action="store_true")
+    args = parser.parse_args()
+    result = speed(args) if args.mode == "speed" else quality(args)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,450 @@
+"""`tlsan federate`: Flower simulation of federated TLSAN with per-user personal parameters.
+
+A tiny synthetic dataset (40 users) and two short simulations (2 rounds, 3 of 8 clients per
+round), each shared by the tests that inspect it: the default FedAvg run, audited at the
+server, and a FedProx run with client-side clipping (Flower's LocalDpMod). Everything else
+(partitioning, device files, personal-parameter files, flag errors) runs without Flower.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from pipelines.config import PrepareConfig, SessionRule
+from pipelines.prepare import prepare_dataset
+from pipelines.synthetic import generate_log
+from tlsan.cli import main
+from tlsan.config import default_config
+from tlsan.data import load_dataset
+from tlsan.errors import ConfigError, RunError
+from tlsan.federated.client import global_names
+from tlsan.federated.partition import (
+    assign_clients,
+    device_dir,
+    device_users,
+    parse_client_unit,
+    write_devices,
+)
+from tlsan.federated.personal import PERSONAL_FILE, load_personal, save_personal
+from tlsan.federated.run import FederateOptions, FederateResult, federate
+from tlsan.federated.server import StrategySpec, WireLog, make_strategy
+from tlsan.run_dir import load_run
+
+N_USERS = 40
+# the default recipe on a small network, so the tests stay fast whatever the preset's sizes
+CONFIG = default_config("tlsan").override(
+    d_item=16, d_cat=16, heads=4, batch_size=64, negatives=4, threads=1, seed=5
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 users, 60 items, leave-one-out examples: every user has training examples."""
+    root = tmp_path_factory.mktemp("fed-data")
+    log = generate_log(root / "log", users=N_USERS, items=60, events=1_200, seed=3, categories=5)
+    config = PrepareConfig(
+        interactions=log.interactions,
+        items=log.items_file,
+        split="leave-one-out",
+        session=SessionRule.parse("gap:30m"),
+    )
+    return prepare_dataset(config, root / "data", progress=False).path
+
+
+@pytest.fixture(scope="module")
+def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A throw-away SQLite MLflow store for this module (never the repo's mlruns/)."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    yield uri
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+@dataclass
+class Simulated:
+    result: FederateResult
+    wire: WireLog
+    options: FederateOptions
+    work: Path
+
+
+def _simulate(tmp: Path, data: Path, **overrides: object) -> Simulated:
+    wire = WireLog(keep=True)
+    values: dict[str, object] = {
+        "data": data,
+        "out": tmp / "run",
+        "rounds": 2,
+        "clients_per_round": 3,
+        "client_unit": "cohort:5",
+        "config": CONFIG,
+        "local_epochs": 1,
+        "personal_epochs": 5,
+        "work_dir": tmp / "work",
+        "progress": False,
+    }
+    values.update(overrides)
+    options = FederateOptions(**values)  # type: ignore[arg-type]
+    return Simulated(federate(options, wire_log=wire), wire, options, tmp / "work")
+
+
+@pytest.fixture(scope="module")
+def fedavg(
+    tmp_path_factory: pytest.TempPathFactory, tiny_data: Path, tracking_uri: str
+) -> Simulated:
+    return _simulate(tmp_path_factory.mktemp("fedavg"), tiny_data, mlflow=True)
+
+
+@pytest.fixture(scope="module")
+def fedprox_clipped(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Simulated:
+    return _simulate(
+        tmp_path_factory.mktemp("fedprox"),
+        tiny_data,
+        strategy="fedprox",
+        proximal_mu=0.1,
+        dp_clip=0.05,
+        dp_noise=0.0,
+        dp_mode="local",
+        mlflow=False,
+        local_epochs=2,
+    )
+
+
+# -- what the server receives ------------------------------------------------------------------
+def _personal_rows(sim: Simulated) -> dict[str, np.ndarray]:
+    """Every personal row any user had: as provisioned, as gathered, as on the devices."""
+    run = load_run(sim.result.run_dir)
+    state = run.model.state_dict()
+    rows = {name: [state[name][1:].numpy()] for name in run.model.personal_parameter_names()}
+    for device in sorted((sim.work / "devices").iterdir()):
+        if device.is_dir():
+            stored = load_personal(device, rows)
+            for name in rows:
+                rows[name].append(stored[name].numpy())
+    return {name: np.concatenate(parts) for name, parts in rows.items()}
+
+
+def _matches_any_row(array: np.ndarray, rows: np.ndarray) -> bool:
+    """Does some row of `array` (viewed with the rows' width) equal some personal row?"""
+    width = rows.shape[1]
+    if array.size == 0 or array.size % width:
+        return False
+    candidates = array.reshape(-1, width).astype(np.float64)
+    diff = np.abs(candidates[:, None, :] - rows[None, :, :].astype(np.float64)).max(-1)
+    return bool((diff < 1e-6).any())
+
+
+@pytest.mark.slow
+def test_server_receives_no_event_no_user_id_and_no_personal_parameter(
+    fedavg: Simulated, tiny_data: Path
+) -> None:
+    dataset = load_dataset(tiny_data)
+    run = load_run(fedavg.result.run_dir, dataset)
+    model = run.model
+    expected_names = set(global_names(model))
+    personal_names = set(model.personal_parameter_names())
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    personal = _personal_rows(fedavg)
+    n_users = dataset.sizes.users
+
+    train = [r for r in fedavg.wire.received if r.kind == "train"]
+    others = [r for r in fedavg.wire.received if r.kind != "train"]
+    assert len(train) == 2 * 3  # 2 rounds x 3 clients, every reply audited
+    assert {r.kind for r in others} == {"evaluate", "train.personalize"}
+    assert fedavg.wire.sent_names == expected_names  # nothing personal goes out either
+    for reply in train:
+        names = {key.split("/", 1)[1] for key in reply.arrays}
+        assert names == expected_names and not names & personal_names
+        assert reply.record_names == ["arrays", "metrics"] and not reply.configs
+        assert set(reply.metrics) == {"metrics/num-examples", "metrics/train-loss"}
+        for key, array in reply.arrays.items():
+            name = key.split("/", 1)[1]
+            assert array.dtype == np.float32, key  # no integer ids, items or timestamps
+            assert tuple(array.shape) in (shapes[name], (1,) if shapes[name] == () else None)
+            assert array.ndim == 0 or array.shape[0] not in (n_users, n_users - 1), key
+            for pname, rows in personal.items():
+                assert not _matches_any_row(array, rows), f"{key} contains a user's {pname} row"
+    for reply in others:  # evaluation and personalization: a few scalars, no arrays
+        assert not reply.arrays and not reply.configs
+        assert all(isinstance(v, int | float) for v in reply.metrics.values())
+    # the audit can fail: the personal tables themselves would be caught by each check
+    assert _matches_any_row(model.state_dict()["E_u.weight"][1:].numpy(), personal["E_u.weight"])
+    assert model.state_dict()["P"].shape[0] == n_users
+
+
+@pytest.mark.slow
+def test_personal_parameters_stay_on_devices_and_end_up_in_the_run_dir(
+    fedavg: Simulated, tiny_data: Path
+) -> None:
+    run = load_run(fedavg.result.run_dir)
+    state = run.model.state_dict()
+    devices = sorted(p for p in (fedavg.work / "devices").iterdir() if p.is_dir())
+    assert len(devices) == fedavg.result.clients == 8  # 40 users in cohorts of 5
+    covered: list[int] = []
+    for device in devices:
+        users = torch.from_numpy(device_users(device))
+        stored = load_personal(device, ("E_u.weight", "P"), users)
+        assert torch.equal(stored["E_u.weight"], state["E_u.weight"][users])
+        assert torch.equal(stored["P"], state["P"][users])
+        covered += users.tolist()
+        events = pl.read_parquet(device / "events.parquet")
+        assert set(events["user"].unique().to_list()) <= set(users.tolist())
+        assert not (device / "examples" / "test.parquet").exists()
+    train_users = sorted(set(load_dataset(tiny_data).train.arrays.user.tolist()))
+    assert sorted(covered) == train_users
+    # trained: the clients' rows moved away from the neutral rows every user started from; a
+    # user who is no client's (no training example) keeps them
+    idle = sorted(set(range(1, N_USERS + 1)) - set(covered))
+    assert idle
+    start = state["E_u.weight"][idle[0]]
+    assert all(torch.equal(state["E_u.weight"][u], start) for u in idle)
+    moved = (state["E_u.weight"][covered] - start).abs().amax(1)
+    assert float((moved > 1e-3).double().mean()) >= 0.5  # (a client may sit out both rounds)
+    assert fedavg.result.personalization["num-examples"] == len(
+        load_dataset(tiny_data).valid
+    ) - len(idle)
+
+
+@pytest.mark.slow
+def test_run_dir_works_with_tlsan_evaluate_and_export(
+    fedavg: Simulated, tiny_data: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "eval.json"
+    code = main(
+        ["evaluate", "--run", str(fedavg.result.run_dir), "--data", str(tiny_data),
+         "--json", str(out)]
+    )  # fmt: skip
+    assert code == 0
+    evaluated = json.loads(out.read_text())
+    metrics = json.loads((fedavg.result.run_dir / "metrics.json").read_text())
+    assert set(metrics) == {"valid", "test"}
+    assert evaluated["ndcg@10"] == pytest.approx(metrics["test"]["ndcg@10"], abs=1e-9)
+    assert evaluated["auc"] == pytest.approx(fedavg.result.test["auc"], abs=1e-9)
+    bundle = tmp_path / "bundle"
+    code = main(
+        ["export", "--run", str(fedavg.result.run_dir), "--data", str(tiny_data),
+         "--out", str(bundle)]
+    )  # fmt: skip
+    assert code == 0
+    assert (bundle / "manifest.json").is_file() and (bundle / "index.faiss").is_file()
+
+
+@pytest.mark.slow
+def test_run_dir_holds_the_selected_global_model_and_the_devices_rows(fedavg: Simulated) -> None:
+    result = fedavg.result
+    federated = json.loads((result.run_dir / "federated.json").read_text())
+    best = federated["best_round"]
+    assert 0 <= best <= 2 and federated["rounds_run"] == 2
+    assert [r["round"] for r in federated["rounds"]] == [0, 1, 2]
+    # what the server sent for personalization = the best round's global parameters ...
+    chosen = fedavg.wire.sent_arrays[(3, "train.personalize")]
+    evaluated = fedavg.wire.sent_arrays[(best, "evaluate")]
+    assert chosen.keys() == evaluated.keys()
+    assert all(np.array_equal(chosen[k], evaluated[k]) for k in chosen)
+    # ... and exactly the global parameters of the run dir
+    model = load_run(result.run_dir).model
+    params = dict(model.named_parameters())
+    for name, array in chosen.items():
+        assert np.array_equal(params[name].detach().numpy().reshape(array.shape), array), name
+    neutral = federated["global_model_neutral_personal"]
+    assert neutral["test"] == result.neutral_test and neutral["valid"] == result.neutral_valid
+    # devices keep their best fine-tuning epoch on their own validation examples
+    assert (
+        result.personalization["valid-ndcg@10-after"]
+        >= result.personalization["valid-ndcg@10-before"]
+    )
+    assert 0 <= result.personalization["personal-epoch"] <= fedavg.options.personal_epochs
+
+
+@pytest.mark.slow
+def test_mlflow_has_one_metric_per_round(fedavg: Simulated, tracking_uri: str) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(fedavg.result.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["dataset_hash"] and run.data.tags["federated"] == "true"
+    for key in ("train_loss", "clients", "bytes_sent", "bytes_received", "valid_ndcg_at_10"):
+        history = client.get_metric_history(run.info.run_id, key)
+        steps = [0, 1, 2] if key.startswith("valid") else [1, 2]  # 0: the starting model
+        assert sorted(m.step for m in history) == steps, key
+    clients = client.get_metric_history(run.info.run_id, "clients")
+    assert {m.value for m in clients} == {3.0}
+    sent = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "bytes_sent")}
+    assert sent[1] == fedavg.wire.rounds[1].bytes_sent > 0
+    assert run.data.metrics["test/ndcg_at_10"] == pytest.approx(fedavg.result.test["ndcg@10"])
+
+
+@pytest.mark.slow
+def test_local_dp_clips_every_update_and_fedprox_runs(
+    fedprox_clipped: Simulated, fedavg: Simulated
+) -> None:
+    clip = fedprox_clipped.options.dp_clip
+
+    def update_norms(sim: Simulated) -> list[float]:
+        norms = []
+        for reply in (r for r in sim.wire.received if r.kind == "train"):
+            sent = sim.wire.sent_arrays[(reply.round, "train")]
+            squared = sum(
+                float(
+                    ((a.astype(np.float64) - sent[k.split("/", 1)[1]].reshape(a.shape)) ** 2).sum()
+                )
+                for k, a in reply.arrays.items()
+            )
+            norms.append(squared**0.5)
+        return norms
+
+    clipped = update_norms(fedprox_clipped)
+    assert len(clipped) == 6 and max(clipped) <= clip * (1 + 1e-4)
+    assert min(clipped) > 0.9 * clip  # the clip was binding, so the check above means something
+    assert max(update_norms(fedavg)) > clip  # without DP, updates are larger
+    settings = json.loads((fedprox_clipped.result.run_dir / "federated.json").read_text())
+    assert settings["settings"]["strategy"] == "fedprox"
+    assert settings["settings"]["dp_mode"] == "local"
+
+
+# -- pieces without Flower ---------------------------------------------------------------------
+@pytest.mark.parametrize(("text", "users"), [("user", 1), ("cohort:1", 1), ("cohort:25", 25)])
+def test_client_unit_parses(text: str, users: int) -> None:
+    assert parse_client_unit(text) == users
+
+
+@pytest.mark.parametrize("text", ["users", "cohort:0", "cohort:", "cohort:-3", "cohort:2.5", ""])
+def test_client_unit_rejects_bad_values(text: str) -> None:
+    with pytest.raises(ConfigError, match="--client-unit"):
+        parse_client_unit(text)
+
+
+def test_clients_partition_the_users_with_training_examples() -> None:
+    users = np.array([5, 3, 3, 9, 1, 7, 7, 7, 2, 0])  # 0 (padding) is never a client's
+    partition = assign_clients(users, 2, seed=1)
+    assert [len(c) for c in partition.clients] == [2, 2, 2]
+    assert sorted(np.concatenate(partition.clients).tolist()) == [1, 2, 3, 5, 7, 9]
+    owner = partition.owner(10)
+    assert owner[0] == -1 and owner[4] == -1 and set(owner[[1, 2, 3, 5, 7, 9]]) == {0, 1, 2}
+    assert [c.tolist() for c in assign_clients(users, 2, seed=1).clients] == [
+        c.tolist() for c in partition.clients
+    ]
+    with pytest.raises(RunError, match="no user has a training example"):
+        assign_clients(np.array([0, 0]), 1, seed=0)
+
+
+def test_each_device_holds_only_its_own_users_data(tiny_data: Path, tmp_path: Path) -> None:
+    full = load_dataset(tiny_data)
+    partition = assign_clients(full.train.arrays.user.numpy(), 7, seed=0)
+    dirs = write_devices(tiny_data, partition, tmp_path / "devices", progress=False)
+    assert dirs == [device_dir(tmp_path / "devices", c) for c in range(len(partition))]
+    total = {"train": 0, "valid": 0}
+    for device, users in zip(dirs, partition.clients, strict=True):
+        local = load_dataset(device, ("train", "valid"))
+        assert local.sizes == full.sizes and local.dataset_hash == full.dataset_hash
+        for split in total:
+            assert set(local.split(split).arrays.user.tolist()) <= set(users.tolist())
+            total[split] += len(local.split(split))
+        vocab = pl.read_parquet(device / "vocab" / "users.parquet")
+        assert sorted(vocab["index"].to_list()) == users.tolist()
+        assert device_users(device).tolist() == users.tolist()
+        # a device's seen-item sets equal the full dataset's for the same examples
+        rows = torch.nonzero(torch.isin(full.valid.arrays.user, torch.from_numpy(users))).flatten()
+        assert torch.equal(full.subset("valid", rows).seen_keys, local.valid.seen_keys)
+    clients = torch.from_numpy(partition.users)
+    assert total == {
+        "train": len(full.train),  # every training example belongs to some client
+        "valid": int(torch.isin(full.valid.arrays.user, clients).sum()),
+    }
+    assert total["valid"] < len(full.valid)  # a user without training examples is no client
+
+
+def test_personal_file_round_trip_and_errors(tmp_path: Path) -> None:
+    users = torch.tensor([3, 8])
+    values = {"E_u.weight": torch.randn(2, 4), "P": torch.full((2, 3), -1.0)}
+    save_personal(tmp_path, users, values)
+    loaded = load_personal(tmp_path, values, users)
+    assert torch.equal(loaded["E_u.weight"], values["E_u.weight"])
+    with pytest.raises(RunError, match="expected"):
+        load_personal(tmp_path, values, torch.tensor([3, 9]))
+    with pytest.raises(RunError, match="rows"):
+        save_personal(tmp_path, users, {"P": torch.zeros(3, 3)})
+    (tmp_path / PERSONAL_FILE).write_bytes(b"not safetensors")
+    with pytest.raises(RunError, match="not a readable safetensors"):
+        load_personal(tmp_path, values)
+    with pytest.raises(RunError, match="never provisioned"):
+        load_personal(tmp_path / "nowhere", values)
+
+
+def test_strategy_factory() -> None:
+    from flwr.serverapp.strategy import (
+        DifferentialPrivacyClientSideFixedClipping,
+        FedAvgM,
+        FedProx,
+    )
+
+    prox = make_strategy(StrategySpec("fedprox", 4, 10, proximal_mu=0.5))
+    assert isinstance(prox, FedProx) and prox.proximal_mu == 0.5 and prox.min_train_nodes == 4
+    central = make_strategy(
+        StrategySpec("fedavg", 4, 10, dp_clip=1.0, dp_noise=0.5, dp_mode="central")
+    )
+    assert isinstance(central, DifferentialPrivacyClientSideFixedClipping)
+    assert central.noise_multiplier == 0.5 and central.num_sampled_clients == 4
+    momentum = make_strategy(StrategySpec("fedavgm", 2, 10, server_momentum=0.5))
+    assert isinstance(momentum, FedAvgM) and momentum.server_momentum == 0.5
+    with pytest.raises(ConfigError, match="--server-momentum"):
+        StrategySpec("fedavgm", 2, 10, server_momentum=1.0)
+    with pytest.raises(ConfigError, match="--clients-per-round"):
+        StrategySpec("fedavg", 11, 10)
+    with pytest.raises(ConfigError, match="--strategy"):
+        StrategySpec("fedsgd", 1, 10)
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--client-unit", "team"], "--client-unit"),
+        (["--clients-per-round", "99"], "--clients-per-round"),
+        (["--dp-noise", "1.0"], "--dp-noise"),
+        (["--rounds", "0"], "--rounds"),
+        (["--personal-lr", "-1"], "--personal-lr"),
+    ],
+)
+def test_cli_rejects_bad_flags_with_one_line(
+    tiny_data: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    flags: list[str],
+    needle: str,
+) -> None:
+    base = ["federate", "--data", str(tiny_data), "--out", str(tmp_path / "o"), "--no-mlflow"]
+    defaults = {"--rounds": "1", "--clients-per-round": "2"}
+    for flag, value in defaults.items():
+        if flag not in flags:
+            base += [flag, value]
+    assert main(base + flags) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_rejects_a_run_of_another_model_kind(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tlsan.train import fit
+
+    pop = fit(default_config("pop"), tiny_data, tmp_path / "pop", mlflow=False, progress=False)
+    code = main(
+        ["federate", "--data", str(tiny_data), "--run", str(pop.run_dir), "--out",
+         str(tmp_path / "o"), "--rounds", "1", "--clients-per-round", "1", "--no-mlflow"]
+    )  # fmt: skip
+    assert code == 2
+    assert "personal parameters" in capsys.readouterr().err

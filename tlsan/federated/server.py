@@ -1,0 +1,509 @@
+"""The ServerApp: a Flower strategy (FedAvg or FedProx, optionally with DP) over the global
+parameters, a meter on everything that crosses the wire, and the final personalization round.
+
+The server only ever holds global parameters (never `E_u` or `P`), the ConfigRecord it sends,
+and the clients' aggregate metrics. `MeteredStrategy` wraps the chosen strategy and sees every
+message before Flower's aggregation does: it counts bytes per round and direction, rejects
+replies that carry anything but the expected global arrays, and (with `WireLog(keep=True)`)
+keeps copies of what arrived so a test can audit them.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from tlsan.errors import ConfigError, RunError
+
+if TYPE_CHECKING:
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.serverapp.strategy import Strategy
+
+STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedavgm")
+DP_MODES: tuple[str, ...] = ("local", "central")
+WEIGHT_KEY = "num-examples"
+PERSONALIZE = "train.personalize"
+# What a client may report besides its arrays; anything else is refused at the server.
+TRAIN_METRIC_KEYS = frozenset({WEIGHT_KEY, "train-loss"})
+EVAL_METRIC_KEYS = frozenset({WEIGHT_KEY, "valid-ndcg@10", "valid-hr@10", "valid-auc"})
+PERSONAL_METRIC_KEYS = frozenset(
+    {WEIGHT_KEY, "personal-loss", "personal-epoch", "valid-ndcg@10-before", "valid-ndcg@10-after"}
+)
+
+
+@dataclass
+class RoundStats:
+    """One round as the server saw it (MLflow logs these with step = round)."""
+
+    round: int
+    clients: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    train_loss: float = float("nan")
+    valid: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def metrics(self) -> dict[str, float]:
+        """MLflow metrics of the round; round 0 (the starting parameters) has only
+        validation metrics."""
+        valid = {f"valid_{k}": v for k, v in self.valid.items()}
+        if self.round == 0:
+            return valid
+        out = {
+            "clients": float(self.clients),
+            "bytes_sent": float(self.bytes_sent),
+            "bytes_received": float(self.bytes_received),
+            "train_loss": self.train_loss,
+            "round_seconds": self.seconds,
+        }
+        out.update(valid)
+        return out
+
+
+@dataclass
+class Received:
+    """A copy of one reply's content as it reached the server (for audits)."""
+
+    round: int
+    kind: str  # message type: train, evaluate, train.personalize
+    arrays: dict[str, np.ndarray]
+    metrics: dict[str, Any]
+    configs: dict[str, Any]
+    record_names: list[str]
+
+
+@dataclass
+class WireLog:
+    """Traffic per round; with `keep`, copies of every reply the server received and of the
+    arrays it sent (once per round and message type: every client gets the same)."""
+
+    keep: bool = False
+    rounds: dict[int, RoundStats] = field(default_factory=dict)
+    received: list[Received] = field(default_factory=list)
+    sent_names: set[str] = field(default_factory=set)
+    sent_arrays: dict[tuple[int, str], dict[str, np.ndarray]] = field(default_factory=dict)
+
+    def stats(self, server_round: int) -> RoundStats:
+        return self.rounds.setdefault(server_round, RoundStats(server_round))
+
+    def record_sent(self, server_round: int, messages: list[Message]) -> None:
+        stats = self.stats(server_round)
+        for msg in messages:
+            stats.bytes_sent += message_bytes(msg)
+            for record in msg.content.array_records.values():
+                self.sent_names.update(record.keys())
+                key = (server_round, msg.metadata.message_type)
+                if self.keep and key not in self.sent_arrays:
+                    self.sent_arrays[key] = {k: a.numpy().copy() for k, a in record.items()}
+
+    def record_received(self, server_round: int, replies: list[Message]) -> None:
+        stats = self.stats(server_round)
+        for msg in replies:
+            if msg.has_error():
+                continue
+            stats.bytes_received += message_bytes(msg)
+            if self.keep:
+                content = msg.content
+                arrays = {
+                    f"{rec}/{name}": array.numpy().copy()
+                    for rec, record in content.array_records.items()
+                    for name, array in record.items()
+                }
+                metrics = {
+                    f"{rec}/{name}": value
+                    for rec, record in content.metric_records.items()
+                    for name, value in record.items()
+                }
+                configs = {
+                    f"{rec}/{name}": value
+                    for rec, record in content.config_records.items()
+                    for name, value in record.items()
+                }
+                self.received.append(
+                    Received(
+                        server_round,
+                        msg.metadata.message_type,
+                        arrays,
+                        metrics,
+                        configs,
+                        list(content.keys()),
+                    )
+                )
+
+
+def message_bytes(msg: Message) -> int:
+    """Payload bytes of a message: its records as Flower counts them (arrays' serialized
+    bytes plus keys, 8 bytes per scalar); transport framing is not included."""
+    return int(sum(record.count_bytes() for record in msg.content.values()))
+
+
+def _raise_errors(kind: str, replies: list[Message]) -> None:
+    """A failing client stops the run with its reason instead of silently shrinking rounds."""
+    errors = [msg for msg in replies if msg.has_error()]
+    if errors:
+        first = errors[0]
+        raise RunError(
+            f"federate: {len(errors)} client(s) failed in {kind} (first, node "
+            f"{first.metadata.src_node_id}: {first.error.reason})"
+        )
+
+
+def check_reply(
+    msg: Message, expected: dict[str, tuple[int, ...]], metric_keys: frozenset[str]
+) -> None:
+    """Refuse a reply that carries anything but float32 arrays with exactly the names and
+    shapes of the global parameters, and the allowed scalar metrics."""
+    content = msg.content
+    for rec, record in content.array_records.items():
+        names = set(record.keys())
+        if names != set(expected):
+            extra = sorted(names - set(expected)) or sorted(names)
+            raise RunError(
+                f"federate: client reply {rec!r} carries arrays {extra}; expected exactly the "
+                "global parameters"
+            )
+        for name, array in record.items():
+            shape = tuple(array.shape)
+            if array.dtype != "float32" or (shape != expected[name] and math.prod(shape) != 1):
+                raise RunError(
+                    f"federate: client array {name!r} is {array.dtype} {shape}; expected "
+                    f"float32 {expected[name]}"
+                )
+    for record in content.metric_records.values():
+        extra = sorted(set(record.keys()) - metric_keys)
+        if extra:
+            raise RunError(f"federate: client reply carries unexpected metrics {extra}")
+    if content.config_records:
+        raise RunError("federate: client replies must not carry ConfigRecords")
+
+
+class MeteredStrategy:
+    """Wraps a Flower strategy: meters traffic, checks replies, reports each finished round.
+
+    It subclasses `flwr.serverapp.strategy.Strategy` at runtime (see `metered`), so
+    `Strategy.start` or `run_rounds` can drive it; the wrapped strategy samples and aggregates.
+    `expected` maps each global parameter name to its shape.
+    """
+
+    def __init__(
+        self,
+        inner: Strategy,
+        log: WireLog,
+        expected: dict[str, tuple[int, ...]],
+        on_round: Callable[[RoundStats], None] | None = None,
+    ) -> None:
+        self.inner = inner
+        self.log = log
+        self.expected = expected
+        self.on_round = on_round
+        self._round_start = time.perf_counter()
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._round_start = time.perf_counter()
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        self.log.record_sent(server_round, messages)
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        _raise_errors("training", replies)
+        for msg in replies:
+            check_reply(msg, self.expected, TRAIN_METRIC_KEYS)
+        self.log.record_received(server_round, replies)
+        stats = self.log.stats(server_round)
+        stats.clients = len(replies)
+        arrays, metrics = self.inner.aggregate_train(server_round, replies)
+        if metrics is not None and "train-loss" in metrics:
+            stats.train_loss = float(metrics["train-loss"])
+        return arrays, metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if server_round == 0:  # the starting parameters: an evaluation-only round
+            self._round_start = time.perf_counter()
+        messages = list(self.inner.configure_evaluate(server_round, arrays, config, grid))
+        self.log.record_sent(server_round, messages)
+        return messages
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        replies = list(replies)
+        _raise_errors("evaluation", replies)
+        for msg in replies:
+            if msg.content.array_records:
+                raise RunError("federate: evaluation replies must not carry arrays")
+            check_reply(msg, self.expected, EVAL_METRIC_KEYS)
+        self.log.record_received(server_round, replies)
+        metrics = self.inner.aggregate_evaluate(server_round, replies)
+        stats = self.log.stats(server_round)
+        if metrics is not None:
+            stats.valid = {
+                k.removeprefix("valid-"): float(v) for k, v in metrics.items() if k != WEIGHT_KEY
+            }
+        stats.seconds = time.perf_counter() - self._round_start
+        if self.on_round is not None:
+            self.on_round(stats)
+        return metrics
+
+
+def metered(
+    inner: Strategy,
+    log: WireLog,
+    expected: dict[str, tuple[int, ...]],
+    on_round: Callable[[RoundStats], None] | None = None,
+) -> Strategy:
+    """`MeteredStrategy` as a real `Strategy` subclass (Flower is imported lazily)."""
+    from flwr.serverapp.strategy import Strategy
+
+    cls = type("MeteredFlowerStrategy", (MeteredStrategy, Strategy), {})
+    return cls(inner, log, expected, on_round)
+
+
+def weighted_mean(records: list[Any], weight_key: str) -> MetricRecord:
+    """Example-weighted mean of every metric (zero total weight -> NaN, not a crash)."""
+    from flwr.app import MetricRecord
+
+    totals: dict[str, float] = {}
+    weight_sum = 0.0
+    for content in records:
+        record = next(iter(content.metric_records.values()))
+        weight = float(record[weight_key])
+        weight_sum += weight
+        for key, value in record.items():
+            if key != weight_key:
+                totals[key] = totals.get(key, 0.0) + weight * float(value)
+    out = {k: (v / weight_sum if weight_sum > 0 else float("nan")) for k, v in totals.items()}
+    out[weight_key] = int(weight_sum)
+    return MetricRecord(out)
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """How the server aggregates: strategy, sampling and differential privacy."""
+
+    name: str = "fedavg"
+    clients_per_round: int = 10
+    total_clients: int = 10
+    eval_fraction: float = 1.0
+    proximal_mu: float = 0.01
+    server_momentum: float = 0.9  # fedavgm
+    server_lr: float = 1.0  # fedavgm
+    dp_clip: float = 0.0  # 0 = no DP
+    dp_noise: float = 0.0
+    dp_mode: str = "local"
+
+    def __post_init__(self) -> None:
+        if self.name not in STRATEGIES:
+            raise ConfigError(
+                f"--strategy: expected one of {', '.join(STRATEGIES)}, got {self.name!r}"
+            )
+        if self.dp_mode not in DP_MODES:
+            raise ConfigError(
+                f"--dp-mode: expected one of {', '.join(DP_MODES)}, got {self.dp_mode!r}"
+            )
+        if self.clients_per_round < 1:
+            raise ConfigError(f"--clients-per-round: expected >= 1, got {self.clients_per_round}")
+        if self.clients_per_round > self.total_clients:
+            raise ConfigError(
+                f"--clients-per-round: expected at most the number of clients "
+                f"({self.total_clients}), got {self.clients_per_round}"
+            )
+        if not 0.0 <= self.eval_fraction <= 1.0:
+            raise ConfigError(
+                f"--eval-fraction: expected a value in [0, 1], got {self.eval_fraction}"
+            )
+        if not 0.0 <= self.server_momentum < 1.0 or self.server_lr <= 0:
+            raise ConfigError(
+                f"--server-momentum/--server-lr: expected a momentum in [0, 1) and a positive "
+                f"rate, got {self.server_momentum}/{self.server_lr}"
+            )
+        if self.proximal_mu < 0:
+            raise ConfigError(f"--proximal-mu: expected >= 0, got {self.proximal_mu}")
+        if self.dp_clip < 0 or self.dp_noise < 0:
+            raise ConfigError(
+                f"--dp-clip/--dp-noise: expected values >= 0, got {self.dp_clip}/{self.dp_noise}"
+            )
+        if self.dp_noise > 0 and self.dp_clip == 0:
+            raise ConfigError("--dp-noise: needs --dp-clip > 0 (noise is scaled by the clip norm)")
+
+    @property
+    def dp(self) -> bool:
+        return self.dp_clip > 0
+
+
+def make_strategy(spec: StrategySpec) -> Strategy:
+    """FedAvg, FedProx or FedAvgM (server momentum) sampling exactly `clients_per_round`
+    clients per round, wrapped in Flower's central-DP wrapper when `dp_mode == "central"`
+    (clients clip with `fixedclipping_mod`; the server adds noise of std
+    `dp_noise * dp_clip / clients`)."""
+    from flwr.serverapp.strategy import (
+        DifferentialPrivacyClientSideFixedClipping,
+        FedAvg,
+        FedAvgM,
+        FedProx,
+    )
+
+    n_eval = round(spec.eval_fraction * spec.total_clients)
+    common: dict[str, Any] = {
+        # fraction * total rounds down; the minimum then fixes the sample at exactly C
+        "fraction_train": 1e-9,
+        "min_train_nodes": spec.clients_per_round,
+        "fraction_evaluate": 1e-9 if n_eval > 0 else 0.0,
+        "min_evaluate_nodes": n_eval,
+        "min_available_nodes": spec.total_clients,
+        "weighted_by_key": WEIGHT_KEY,
+        "train_metrics_aggr_fn": weighted_mean,
+        "evaluate_metrics_aggr_fn": weighted_mean,
+    }
+    strategy: Strategy
+    if spec.name == "fedprox":
+        strategy = FedProx(proximal_mu=spec.proximal_mu, **common)
+    elif spec.name == "fedavgm":
+        strategy = FedAvgM(
+            server_learning_rate=spec.server_lr, server_momentum=spec.server_momentum, **common
+        )
+    else:
+        strategy = FedAvg(**common)
+    if spec.dp and spec.dp_mode == "central":
+        strategy = DifferentialPrivacyClientSideFixedClipping(
+            strategy,
+            noise_multiplier=spec.dp_noise,
+            clipping_norm=spec.dp_clip,
+            num_sampled_clients=spec.clients_per_round,
+        )
+    return strategy
+
+
+@dataclass
+class ServerPlan:
+    """Everything the ServerApp needs; `result` is filled in when it finishes."""
+
+    initial: dict[str, np.ndarray]  # global parameter name -> array
+    rounds: int
+    spec: StrategySpec
+    train_config: dict[str, Any]  # sent to clients in every training round
+    personal_config: dict[str, Any]  # sent with the final personalization round
+    seed: int = 0
+    personalize: bool = True
+    personalize_chunk: int = 256
+    log: WireLog = field(default_factory=WireLog)
+    on_round: Callable[[RoundStats], None] | None = None
+    result: dict[str, np.ndarray] | None = None
+    personal_metrics: dict[str, float] = field(default_factory=dict)
+    select: str = "valid-ndcg@10"  # federated validation metric that picks the round
+    patience: int = 0  # stop after this many rounds without improvement, 0 = never
+    evaluate_start: bool = True  # also evaluate the starting parameters (round 0)
+    best_round: int = 0
+    rounds_run: int = 0
+
+
+def _config_record(values: dict[str, Any]) -> ConfigRecord:
+    from flwr.app import ConfigRecord
+
+    return ConfigRecord(dict(values))
+
+
+def run_personalization(grid: Grid, arrays: ArrayRecord, plan: ServerPlan) -> dict[str, float]:
+    """Send the final global parameters to every client with `train.personalize`: each
+    fine-tunes its personal parameters locally and replies with metrics only."""
+    from flwr.app import Message, RecordDict
+
+    nodes = sorted(grid.get_node_ids())
+    content = RecordDict({"arrays": arrays, "config": _config_record(plan.personal_config)})
+    step = plan.rounds + 1
+    replies: list[Message] = []
+    for start in range(0, len(nodes), plan.personalize_chunk):
+        messages = [
+            Message(content=content, dst_node_id=node, message_type=PERSONALIZE)
+            for node in nodes[start : start + plan.personalize_chunk]
+        ]
+        plan.log.record_sent(step, messages)
+        got = list(grid.send_and_receive(messages))
+        _raise_errors("personalization", got)
+        for msg in got:
+            if msg.content.array_records:
+                raise RunError("federate: personalization replies must not carry arrays")
+            check_reply(msg, {}, PERSONAL_METRIC_KEYS)
+        plan.log.record_received(step, got)
+        replies.extend(got)
+    if len(replies) != len(nodes):
+        raise RunError(f"federate: {len(nodes) - len(replies)} client(s) never personalized")
+    aggregated = weighted_mean([msg.content for msg in replies], WEIGHT_KEY)
+    return {k: float(v) for k, v in aggregated.items()}
+
+
+def build_server_app(plan: ServerPlan) -> ServerApp:
+    """The ServerApp for one federated run (in simulation it runs in a thread of this process,
+    so `plan` is shared with the caller and receives the result)."""
+    from flwr.app import Array, ArrayRecord
+    from flwr.serverapp import ServerApp
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Any) -> None:
+        random.seed(plan.seed)  # Flower's node sampling uses the global `random`
+        names = tuple(plan.initial)
+        shapes = {name: tuple(np.shape(value)) for name, value in plan.initial.items()}
+        strategy = metered(make_strategy(plan.spec), plan.log, shapes, plan.on_round)
+        strategy.summary()
+        initial = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in plan.initial.items()})
+        arrays = run_rounds(grid, strategy, initial, plan)
+        if plan.personalize:
+            plan.personal_metrics = run_personalization(grid, arrays, plan)
+        plan.result = {name: arrays[name].numpy() for name in names}
+
+    return app
+
+
+def run_rounds(
+    grid: Grid, strategy: Strategy, initial: ArrayRecord, plan: ServerPlan
+) -> ArrayRecord:
+    """Flower's round loop (as in `Strategy.start`: configure, send, aggregate; train, then
+    evaluate), plus checkpoint selection: the global parameters of the round with the best
+    federated validation `plan.select` (round 0 = the starting parameters) win, and with
+    `plan.patience` the loop stops after that many rounds without improvement."""
+    train_config = _config_record(plan.train_config)
+    eval_config = _config_record(plan.train_config)
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> float | None:
+        messages = strategy.configure_evaluate(server_round, arrays, eval_config, grid)
+        metrics = strategy.aggregate_evaluate(server_round, grid.send_and_receive(messages))
+        if metrics is None or plan.select not in metrics:
+            return None
+        value = float(metrics[plan.select])
+        return None if math.isnan(value) else value
+
+    arrays = initial
+    best, best_value = initial, evaluate(0, initial) if plan.evaluate_start else None
+    plan.best_round, bad = 0, 0
+    for server_round in range(1, plan.rounds + 1):
+        messages = strategy.configure_train(server_round, arrays, train_config, grid)
+        aggregated, _ = strategy.aggregate_train(server_round, grid.send_and_receive(messages))
+        if aggregated is not None:
+            arrays = aggregated
+        value = evaluate(server_round, arrays)
+        if value is None or best_value is None or value > best_value:
+            best, best_value, plan.best_round, bad = arrays, value, server_round, 0
+        else:
+            bad += 1
+        if plan.patience and bad >= plan.patience:
+            break
+    plan.rounds_run = server_round
+    return best
