@@ -15,6 +15,14 @@ from collections.abc import Sequence
 COMMANDS: tuple[str, ...] = (
     "prepare",
     "generate",
+    "materialize",
+    "export",
+    "serve",
+    "train",
+    "evaluate",
+    "compare",
+    "federate",
+    "tune",
 )
 
 
