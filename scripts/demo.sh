@@ -15,6 +15,7 @@ mkdir -p "$DIR"
 tlsan generate --users 3000 --items 2000 --events 120000 --seed 0 --out "$DIR/raw" --overwrite
 tlsan prepare --interactions "$DIR/raw/interactions.parquet" --items "$DIR/raw/items.parquet" \
   --out "$DIR/data" --session gap:30m --split leave-one-out --max-events-per-user 200 --overwrite
+rm -rf "$DIR/run"  # a fresh run each time (tlsan train refuses to overwrite a run dir)
 tlsan train --data "$DIR/data" --out "$DIR/run" --preset default --epochs 5
 tlsan evaluate --run "$DIR/run" --data "$DIR/data" --split test --json "$DIR/test_metrics.json"
 tlsan export --run "$DIR/run" --data "$DIR/data" --out "$DIR/bundle" --overwrite
