@@ -18,90 +18,117 @@ import polars as pl
 from pipelines.config import SECONDS_PER_DAY, SessionRule
 from pipelines.sessions import event_table
 
-EXAMPLE_KEYS = ("ex", "user", "offset", "history_end", "short_start", "short_end", "skip_pos")
+EXAMPLE_KEYS = ("user", "offset", "history_end", "short_start", "short_end", "skip_pos")
 
 
 def tau(ref_day: pl.Expr, event_day: pl.Expr) -> pl.Expr:
     """The paper's time feature: 1 / #{g in 2, 4, ..., 4096 : delta >= g}, at least 1/1.
 
     `delta = ref_day - event_day + 1` in days, so an event on the reference day has delta 1.
+    (`tau_array` is the same function on arrays; a test keeps the two equal.)
     """
     delta = (ref_day - event_day + 1).clip(lower_bound=1)
     buckets = delta.cast(pl.Float64).log(2).floor().clip(1, 12)
     return (1.0 / buckets).cast(pl.Float32)
 
 
-def _gather(
-    examples: pl.LazyFrame, table: pl.DataFrame, start: pl.Expr, end: pl.Expr, columns: list[str]
-) -> pl.LazyFrame:
-    """One row per (example, event in [start, end) of its user), in example then time order.
+def tau_array(ref_day: np.ndarray, event_day: np.ndarray) -> np.ndarray:
+    """`tau` on int64 arrays: #{g : delta >= g} = floor(log2(delta)) read exactly off the
+    float exponent, clipped to 1..12."""
+    delta = np.maximum(ref_day - event_day + 1, 1).astype(np.float64)
+    buckets = np.clip(np.frexp(delta)[1] - 1, 1, 12)
+    return (1.0 / buckets).astype(np.float32)
 
-    Examples with an empty range keep one row of nulls. `gidx` is a row number of `table`,
-    so the event columns are gathered by position, not joined.
-    """
-    gidx = pl.col("gidx")
-    return (
-        examples.with_columns(pl.int_ranges(start, end, dtype=pl.Int64).alias("gidx"))
-        .explode("gidx", empty_as_null=True)
-        .with_columns(pl.lit(table[c]).gather(gidx).alias(c) for c in columns)
-    )
+
+def _ranges(start: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row numbers of the concatenated ranges [start, end) and the list offsets (n + 1,)."""
+    lengths = np.maximum(end - start, 0)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    idx = np.arange(offsets[-1], dtype=np.int64) + np.repeat(start - offsets[:-1], lengths)
+    return idx, offsets
+
+
+def _lists(offsets: np.ndarray, values: np.ndarray, name: str) -> pl.Series:
+    """A list column from Arrow-style offsets and flat values (no explode, no group_by)."""
+    import pyarrow as pa
+
+    array = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values))
+    return pl.Series(name, array)
+
+
+def _keep(offsets: np.ndarray, keep: np.ndarray, tail: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets after dropping flat elements where `keep` is False (and, with `tail`, all but
+    the last `tail` of each list); returns (new offsets, mask over the flat elements)."""
+    n = len(offsets) - 1
+    owner = np.repeat(np.arange(n), np.diff(offsets))
+    counts = np.bincount(owner[keep], minlength=n)
+    if tail:
+        kept_before = np.cumsum(keep) - keep
+        ends = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(counts, out=ends[1:])
+        after = ends[owner + 1] - kept_before - 1  # kept elements after this one in its list
+        keep = keep & (after < tail)
+        counts = np.bincount(owner[keep], minlength=n)
+    new = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(counts, out=new[1:])
+    return new, keep
+
+
+FEATURE_CHUNK = 1 << 17  # examples per chunk: bounded temporaries (fresh pages are costly)
 
 
 def attach_features(
-    examples: pl.LazyFrame, table: pl.DataFrame, *, max_long: int, max_short: int
-) -> pl.LazyFrame:
+    examples: pl.DataFrame, table: pl.DataFrame, *, max_long: int, max_short: int
+) -> pl.DataFrame:
     """Add long_items, long_tau, short_items and user_category to position-described examples.
 
-    `examples` needs the EXAMPLE_KEYS columns plus ref_time, with `ex` numbering the rows
-    0, 1, 2, ... in order; `table` is the collected event table. `max_short` 0 keeps whole
-    sessions.
+    `examples` needs the EXAMPLE_KEYS columns plus ref_time (one row per example); `table`
+    is the collected event table. `max_short` 0 keeps whole sessions. The lists are assembled
+    from row ranges of `table` with array offsets: every example's long-term history is one
+    contiguous range of its user's events, so no explode or group_by is needed. Chunks of
+    FEATURE_CHUNK examples keep the temporaries small (and in cache).
     """
-    off = pl.col("offset")
-    h = pl.col("history_end").cast(pl.Int64)
-    ref_day = pl.col("ref_time") // SECONDS_PER_DAY
-    long = (
-        _gather(
-            examples.select("ex", "offset", "history_end", "ref_time"),
-            table,
-            off + (h - max_long).clip(lower_bound=0),
-            off + h,
-            ["item", "day"],
-        )
-        .group_by("ex", maintain_order=True)
-        .agg(
-            pl.col("item").drop_nulls().cast(pl.Int32).alias("long_items"),
-            tau(ref_day.first(), pl.col("day")).drop_nulls().alias("long_tau"),
-        )
-    )
-    s_start = pl.col("short_start").cast(pl.Int64)
-    s_end = pl.col("short_end").cast(pl.Int64)
+    columns = {name: table[name].to_numpy() for name in ("item", "day", "pos", "mode_category")}
+    parts = [
+        _features(examples.slice(start, FEATURE_CHUNK), columns, max_long, max_short)
+        for start in range(0, max(examples.height, 1), FEATURE_CHUNK)
+    ]
+    features = pl.concat(parts, rechunk=False) if len(parts) > 1 else parts[0]
+    return pl.concat([examples, features], how="horizontal")
+
+
+def _features(
+    examples: pl.DataFrame, table: dict[str, np.ndarray], max_long: int, max_short: int
+) -> pl.DataFrame:
+    """The feature columns of one chunk of examples (see `attach_features`)."""
+    off = examples["offset"].to_numpy().astype(np.int64)
+    h = examples["history_end"].to_numpy().astype(np.int64)
+    item = table["item"]
+
+    idx, long_offsets = _ranges(off + np.maximum(h - max_long, 0), off + h)
+    ref_day = examples["ref_time"].to_numpy() // SECONDS_PER_DAY
+    long_tau = tau_array(np.repeat(ref_day, np.diff(long_offsets)), table["day"][idx])
+    long_items = item[idx]
+
+    s_start = examples["short_start"].to_numpy().astype(np.int64)
+    s_end = examples["short_end"].to_numpy().astype(np.int64)
     if max_short:
-        s_start = pl.max_horizontal(s_start, s_end - max_short - 1)
-    short = _gather(
-        examples.select("ex", "offset", "short_start", "short_end", "skip_pos"),
-        table,
-        off + s_start,
-        off + s_end,
-        ["item", "pos"],
-    )
-    short = short.group_by("ex", maintain_order=True).agg(
-        pl.col("item")
-        .filter(pl.col("pos").is_not_null() & (pl.col("pos") != pl.col("skip_pos")))
-        .cast(pl.Int32)
-        .alias("short_items")
-    )
-    if max_short:
-        short = short.with_columns(pl.col("short_items").list.tail(max_short))
-    last = (off + h - 1).clip(lower_bound=0)
-    category = (
-        pl.when(h > 0)
-        .then(pl.lit(table["mode_category"]).gather(last))
-        .otherwise(0)
-        .cast(pl.Int32)
-        .alias("user_category")
-    )
-    return pl.concat(
-        [examples.with_columns(category), long.drop("ex"), short.drop("ex")], how="horizontal"
+        s_start = np.maximum(s_start, s_end - max_short - 1)
+    idx, short_offsets = _ranges(off + s_start, off + s_end)
+    skip = np.repeat(examples["skip_pos"].to_numpy().astype(np.int64), np.diff(short_offsets))
+    short_offsets, keep = _keep(short_offsets, table["pos"][idx] != skip, max_short)
+    short_items = item[idx[keep]]
+
+    mode = table["mode_category"]
+    category = np.where(h > 0, mode[np.maximum(off + h - 1, 0)], 0).astype(np.int32)
+    return pl.DataFrame(
+        [
+            pl.Series("user_category", category),
+            _lists(long_offsets, long_items.astype(np.int32), "long_items"),
+            _lists(long_offsets, long_tau, "long_tau"),
+            _lists(short_offsets, short_items.astype(np.int32), "short_items"),
+        ]
     )
 
 
@@ -195,13 +222,9 @@ def features_frame(
         "user", "timestamp", "sentinel", maintain_order=True
     )
     table = event_table(events, session).collect()
-    examples = target_examples(table.lazy(), pl.col("sentinel")).with_columns(
-        (pl.col("user") - 1).cast(pl.Int64).alias("ex")
-    )
-    return (
-        attach_features(examples, table, max_long=max_long, max_short=max_short)
-        .select("long_items", "long_tau", "short_items", "user_category", "ref_time", "history_end")
-        .collect()
+    examples = target_examples(table.lazy(), pl.col("sentinel")).collect()
+    return attach_features(examples, table, max_long=max_long, max_short=max_short).select(
+        "long_items", "long_tau", "short_items", "user_category", "ref_time", "history_end"
     )
 
 

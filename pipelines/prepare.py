@@ -15,15 +15,15 @@ from typing import Any
 import polars as pl
 
 from pipelines.atomic import atomic_directory, check_output
-from pipelines.cleaning import StepCount, clean
+from pipelines.cleaning import StepCount, clean, sort_events
 from pipelines.config import PrepareConfig
 from pipelines.errors import DataValidationError
 from pipelines.features import attach_features
 from pipelines.progress import Steps
-from pipelines.reading import attach_categories, read_catalog, read_interactions
+from pipelines.reading import item_categories, read_catalog, read_interactions
 from pipelines.sessions import event_table
 from pipelines.splits import leave_one_out_examples, paper_examples, time_examples
-from pipelines.vocab import Vocabularies, build_vocabularies, index_events
+from pipelines.vocab import Codebook, Vocabularies, index_events
 
 FORMAT_VERSION = 1
 EXAMPLE_COLUMNS = (
@@ -55,19 +55,18 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def build_examples(table: pl.DataFrame, config: PrepareConfig) -> pl.LazyFrame:
-    """Examples of the configured split, with features attached, in one lazy plan."""
+def build_examples(table: pl.DataFrame, config: PrepareConfig) -> pl.DataFrame:
+    """Examples of the configured split (one lazy plan), with features attached."""
     events = table.lazy()
     if config.split == "last-session":
-        examples = paper_examples(events, cap=config.max_events_per_user, seed=config.seed)
+        examples = paper_examples(table, cap=config.max_events_per_user, seed=config.seed)
     elif config.split == "leave-one-out":
         examples = leave_one_out_examples(events)
     else:
         assert config.valid_from is not None and config.test_from is not None
         examples = time_examples(events, valid_from=config.valid_from, test_from=config.test_from)
-    examples = examples.with_row_index("ex").with_columns(pl.col("ex").cast(pl.Int64))
     featured = attach_features(
-        examples, table, max_long=config.max_long, max_short=config.max_short
+        examples.collect(), table, max_long=config.max_long, max_short=config.max_short
     )
     return featured.select(*EXAMPLE_COLUMNS, "split")
 
@@ -120,29 +119,41 @@ def prepare_dataset(
     if config.items is not None:
         with steps.step("read item catalog"):
             catalog = read_catalog(config.items, None, config.columns)
+    with steps.step("encode ids"):
+        users = Codebook.of(raw["user_id"], "user_id")
+        items = Codebook.of(raw["item_id"], "item_id")
+        coded = raw.select(
+            "row",
+            users.encode(pl.col("user_id")).alias("user"),
+            items.encode(pl.col("item_id")).alias("item"),
+            "timestamp",
+        )
     with steps.step("attach categories"):
-        raw, category_info = attach_categories(
+        categories, category_info = item_categories(
             raw,
+            items,
             catalog,
             events_path=config.interactions,
             catalog_path=config.items,
             policy=config.missing_items,
             category_col=config.columns.category,
         )
-    with steps.step("clean"):
-        cleaned, counts = clean(raw, config)
+    del raw
+    with steps.step("sort and clean"):
+        cleaned, counts = clean(sort_events(coded), config)
+    del coded
     if cleaned.height == 0:
         raise DataValidationError(
             f"{config.interactions}: no events left after cleaning "
             f"({', '.join(f'{c.step}: {c.rows:,}' for c in counts)}); relax the filters"
         )
-    with steps.step("index and sort"):
-        vocab = build_vocabularies(cleaned)
-        events = _truncate(index_events(cleaned, vocab), config)
+    with steps.step("index"):
+        vocab, indexed = index_events(cleaned, users, items, categories)
+        events = _truncate(indexed, config)
     with steps.step("sessions"):
         table = event_table(events.lazy(), config.session).collect()
     with steps.step("examples and features"):
-        examples = build_examples(table, config).collect()
+        examples = build_examples(table, config)
     parts = {name: examples.filter(pl.col("split") == name).drop("split") for name in SPLITS}
     for name in ("train", "test"):
         if parts[name].height == 0:

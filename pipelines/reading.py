@@ -1,8 +1,10 @@
 """Read raw interaction logs and item catalogs (CSV, Parquet, NDJSON) into one normal form.
 
 Every later step sees the same columns whatever the input looked like: `row` (0-based data row
-in the file), `user_id` and `item_id` as strings (raw ids), `timestamp` as int64 unix seconds,
-`category` as a string or null. Every problem is reported as a `DataValidationError` that names
+in the file), `user_id` and `item_id` as raw ids in their native type (Int64 for integer ids,
+else strings: per-event dedupe, joins and counts then hash integers, and only the distinct ids
+become strings, in `pipelines.vocab`), `timestamp` as int64 unix seconds, `category` as a
+categorical (or null). Every problem is reported as a `DataValidationError` that names
 the file, the column, how many rows are affected and a few example rows.
 """
 
@@ -15,6 +17,7 @@ import polars as pl
 
 from pipelines.config import UNKNOWN_CATEGORY, ColumnMap, FileFormat, TimeUnit
 from pipelines.errors import DataValidationError
+from pipelines.vocab import Codebook
 
 _SUFFIXES: dict[str, FileFormat] = {
     ".csv": "csv",
@@ -83,11 +86,24 @@ def _require(path: Path, schema: pl.Schema, wanted: dict[str, str]) -> None:
 
 
 def _as_id(col: str, dtype: pl.DataType) -> pl.Expr:
-    """Raw ids as strings: integer ids keep their decimal form, floats like 3.0 become '3'."""
+    """Raw ids in their native type: integers (and floats like 3.0) as Int64, else strings.
+
+    Their string form (the vocabularies' raw id) is the decimal form: 3.0 becomes '3'.
+    """
     expr = pl.col(col)
+    if dtype.is_integer():
+        return expr.cast(pl.Int64)
     if dtype.is_float():
-        expr = pl.when(expr == expr.floor()).then(expr.cast(pl.Int64)).otherwise(None)
+        return pl.when(expr == expr.floor()).then(expr.cast(pl.Int64)).otherwise(None)
     return expr.cast(pl.String)
+
+
+def same_id_type(left: pl.DataFrame, right: pl.DataFrame, column: str) -> tuple[pl.DataFrame, ...]:
+    """Both frames with `column` of one type: native when they agree, else both strings."""
+    if left.schema[column] == right.schema[column]:
+        return left, right
+    as_text = pl.col(column).cast(pl.String)
+    return left.with_columns(as_text), right.with_columns(as_text)
 
 
 def _as_seconds(col: str, dtype: pl.DataType, unit: TimeUnit) -> pl.Expr:
@@ -145,9 +161,9 @@ def read_interactions(
         pl.col(columns.time).cast(pl.String).alias("raw_time"),
         _as_seconds(columns.time, time_dtype, unit).alias("timestamp"),
         (
-            pl.col(columns.category).cast(pl.String)
+            pl.col(columns.category).cast(pl.String).cast(pl.Categorical)
             if has_category
-            else pl.lit(None, dtype=pl.String)
+            else pl.lit(None, dtype=pl.Categorical)
         ).alias("category"),
     )
     try:
@@ -190,7 +206,7 @@ def _validate(path: Path, frame: pl.DataFrame, columns: ColumnMap, unit: TimeUni
 
 
 def read_catalog(path: Path, fmt: FileFormat | None, columns: ColumnMap) -> pl.DataFrame:
-    """Read and validate an item catalog into `item_id, category` strings, one row per item."""
+    """Read and validate an item catalog into `item_id, category`, one row per item."""
     fmt = detect_format(path, fmt if fmt is not None else None)
     lf = _scan(path, fmt)
     schema = _schema(path, fmt, lf)
@@ -201,7 +217,7 @@ def read_catalog(path: Path, fmt: FileFormat | None, columns: ColumnMap) -> pl.D
             .select(
                 "row",
                 _as_id(columns.item, schema[columns.item]).alias("item_id"),
-                pl.col(columns.category).cast(pl.String).alias("category"),
+                pl.col(columns.category).cast(pl.String).cast(pl.Categorical).alias("category"),
             )
             .collect()
         )
@@ -223,38 +239,47 @@ def read_catalog(path: Path, fmt: FileFormat | None, columns: ColumnMap) -> pl.D
     return frame.select("item_id", "category")
 
 
-def attach_categories(
+def item_categories(
     events: pl.DataFrame,
+    items: Codebook,
     catalog: pl.DataFrame | None,
     *,
     events_path: Path,
     catalog_path: Path | None,
     policy: str,
     category_col: str,
-) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """Give every event its item's category, from the catalog or the log's own column.
+) -> tuple[pl.Series, dict[str, Any]]:
+    """The category of every item (a string Series indexed by item code, row 0 unused), from
+    the catalog or the log's own column, and what was found on the way.
 
     With the catalog, items it lacks are an error or get the "unknown" category (`policy`).
     Without one, the log's category column is used; an item's first category in the log wins.
+    The work is per distinct item; event rows are only scanned to report a problem.
     """
     info: dict[str, Any] = {"source": "catalog" if catalog is not None else "interactions"}
+    book = items.table.select("code", pl.col("key").alias("item_id"))
     if catalog is not None:
-        joined = events.drop("category").join(
-            catalog, on="item_id", how="left", maintain_order="left"
-        )
-        missing = joined["category"].is_null()
-        n_missing = int(missing.sum())
-        info["events_missing_from_catalog"] = n_missing
-        if n_missing and policy == "error":
-            items = joined.filter(missing)["item_id"].unique(maintain_order=True)
-            raise DataValidationError(
-                f"{events_path}: {n_missing:,} rows reference {items.len():,} item(s) missing "
-                f"from the catalog {catalog_path} (column {category_col!r}); e.g. "
-                f"{_examples(joined, missing, ['item_id'])}. "
-                "Add them to the catalog or pass --missing-items unknown"
+        book, catalog = same_id_type(book, catalog, "item_id")
+        joined = book.join(catalog, on="item_id", how="left", maintain_order="left")
+        missing_items = joined.filter(pl.col("category").is_null())["item_id"]
+        n_missing = 0
+        if missing_items.len():
+            ids = events["item_id"]
+            keys = (
+                missing_items if ids.dtype == missing_items.dtype else missing_items.cast(ids.dtype)
             )
-        joined = joined.with_columns(pl.col("category").fill_null(UNKNOWN_CATEGORY))
-        return joined, info
+            rows = ids.is_in(keys.implode())
+            n_missing = int(rows.sum())
+            if policy == "error":
+                raise DataValidationError(
+                    f"{events_path}: {n_missing:,} rows reference {missing_items.len():,} item(s) "
+                    f"missing from the catalog {catalog_path} (column {category_col!r}); e.g. "
+                    f"{_examples(events, rows, ['item_id'])}. "
+                    "Add them to the catalog or pass --missing-items unknown"
+                )
+        info["events_missing_from_catalog"] = n_missing
+        categories = joined["category"].cast(pl.String).fill_null(UNKNOWN_CATEGORY)
+        return pl.concat([pl.Series([UNKNOWN_CATEGORY]), categories]), info
     if events["category"].null_count() == events.height:
         raise DataValidationError(
             f"{events_path}: no {category_col!r} column and no --items catalog: "
@@ -272,14 +297,16 @@ def attach_categories(
             ["item_id"],
         )
     first = (
-        events.filter(~missing)
-        .group_by("item_id", maintain_order=True)
+        events.lazy()
+        .filter(pl.col("category").is_not_null())
+        .group_by(items.encode(pl.col("item_id")).alias("code"))
         .agg(pl.col("category").first().alias("item_category"), pl.col("category").n_unique())
+        .collect()
     )
     info["items_with_several_categories"] = int((first["category"] > 1).sum())
-    out = (
-        events.join(first.drop("category"), on="item_id", how="left", maintain_order="left")
-        .with_columns(pl.col("item_category").fill_null(UNKNOWN_CATEGORY).alias("category"))
-        .drop("item_category")
+    categories = (
+        book.join(first, on="code", how="left", maintain_order="left")["item_category"]
+        .cast(pl.String)
+        .fill_null(UNKNOWN_CATEGORY)
     )
-    return out, info
+    return pl.concat([pl.Series([UNKNOWN_CATEGORY]), categories]), info

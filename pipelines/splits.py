@@ -26,64 +26,75 @@ def seeded_choice(user: pl.Expr, seed: int, n: pl.Expr) -> pl.Expr:
     return (h % n.cast(pl.Int64)).cast(pl.Int32)
 
 
-def paper_examples(table: pl.LazyFrame, *, cap: int, seed: int) -> pl.LazyFrame:
+def paper_examples(events: pl.DataFrame, *, cap: int, seed: int) -> pl.LazyFrame:
     """The paper's construction (DESIGN.md): one training example per session transition,
     the first session that reaches past the event cap as the test example, then validation =
-    each user's last training example."""
-    per_user = table.group_by("user").agg(pl.len().alias("n_events"))
-    sessions = (
-        table.group_by("user", "session")
-        .agg(
-            pl.col("pos").min().alias("start"),
-            pl.len().cast(pl.Int32).alias("size"),
-            pl.col("session_time").first().alias("ref_time"),
-            pl.col("offset").first(),
+    each user's last training example.
+
+    `events` is the collected event table, sorted by user and time, so each session is its first row and everything
+    per user comes from neighbouring rows: the training sessions of a user are a prefix
+    (sessions 1..k, since a session's end grows while the cap stays), the test session is
+    k + 1 and the validation session k. Targets are gathered by row position.
+    """
+    table = events.lazy()
+    gidx = pl.col("gidx")
+    last_of_user = pl.col("user") != pl.col("user").shift(-1)
+    with_end = table.with_columns(
+        pl.when(last_of_user.fill_null(True)).then(gidx + 1).backward_fill().alias("user_end")
+    )
+    same_user_next = (pl.col("user") == pl.col("user").shift(-1)).fill_null(False)
+    sessions = with_end.filter(pl.col("pos") == pl.col("session_start")).select(
+        "user",
+        "offset",
+        "session",
+        pl.col("pos").alias("start"),
+        (
+            pl.when(same_user_next).then(gidx.shift(-1)).otherwise(pl.col("user_end"))
+            - pl.col("offset")
         )
-        .join(per_user, on="user")
-        .sort("user", "session")
+        .cast(pl.Int32)
+        .alias("end"),
+        (pl.col("user_end") - pl.col("offset")).alias("n_events"),
+        pl.col("session_time").alias("ref_time"),
     )
     m = pl.col("n_events")
     if cap:
         m = pl.min_horizontal(m, pl.lit(cap))
-    end = pl.col("start") + pl.col("size")
-    is_train = (pl.col("session") > 0) & (end < m - 1)
+    is_train = (pl.col("session") > 0) & (pl.col("end") < m - 1)
     sessions = sessions.with_columns(is_train.alias("is_train")).with_columns(
-        (pl.col("is_train").cast(pl.Int32).sum().over("user") + 1).alias("test_session"),
-        pl.col("session").filter(pl.col("is_train")).max().over("user").alias("valid_session"),
+        (pl.col("is_train") & ~(same_user_next & pl.col("is_train").shift(-1))).alias("is_valid"),
+        (
+            (pl.col("session") > 0)
+            & ~pl.col("is_train")
+            & ((pl.col("session") == 1) | pl.col("is_train").shift(1).fill_null(False))
+        ).alias("is_test"),
     )
+    item = pl.lit(events["item"])
+    size = pl.col("end") - pl.col("start")
     train = sessions.filter("is_train").select(
         "user",
         "offset",
         pl.col("start").alias("history_end"),
         pl.col("start").alias("short_start"),
-        end.alias("short_end"),
+        pl.col("end").alias("short_end"),
         pl.lit(-1, dtype=pl.Int32).alias("skip_pos"),
-        (pl.col("offset") + end).alias("target_gidx"),
+        item.gather(pl.col("offset") + pl.col("end")).alias("target"),
         "ref_time",
-        pl.when(pl.col("session") == pl.col("valid_session"))
-        .then(pl.lit("valid"))
-        .otherwise(pl.lit("train"))
-        .alias("split"),
+        pl.when("is_valid").then(pl.lit("valid")).otherwise(pl.lit("train")).alias("split"),
     )
-    chosen = pl.col("start") + seeded_choice(pl.col("user"), seed, pl.col("size"))
-    test = sessions.filter(pl.col("session") == pl.col("test_session")).select(
+    chosen = pl.col("start") + seeded_choice(pl.col("user"), seed, size)
+    test = sessions.filter("is_test").select(
         "user",
         "offset",
         pl.col("start").alias("history_end"),
         pl.col("start").alias("short_start"),
-        end.alias("short_end"),
+        pl.col("end").alias("short_end"),
         chosen.alias("skip_pos"),
-        (pl.col("offset") + chosen).alias("target_gidx"),
+        item.gather(pl.col("offset") + chosen).alias("target"),
         "ref_time",
         pl.lit("test").alias("split"),
     )
-    examples = pl.concat([train, test]).join(
-        table.select(pl.col("gidx").alias("target_gidx"), pl.col("item").alias("target")),
-        on="target_gidx",
-        how="left",
-        maintain_order="left",
-    )
-    return examples.drop("target_gidx")
+    return pl.concat([train, test])
 
 
 def leave_one_out_examples(table: pl.LazyFrame) -> pl.LazyFrame:

@@ -1,25 +1,69 @@
-"""Vocabularies: raw ids (strings) to dense int32 indices, 0 reserved for padding.
+"""Codebooks and vocabularies: raw ids to dense int32 indices, 0 reserved for padding.
 
 Indices follow the raw ids' natural order (numeric when every id is an integer, else
-lexicographic), so the same cleaned log always gives the same indices.
+lexicographic), so the same cleaned log always gives the same indices. Right after reading,
+every raw user and item id gets its *code*: its rank in that order among all ids of the log
+(`Codebook`). Cleaning works on the codes (integers, whatever the ids look like), and the
+vocabularies are the codebooks restricted to what cleaning kept, renumbered densely: the order
+is the same, so an event's index is a table lookup of its code and the events sorted by code
+are already sorted by index.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import polars as pl
 
 
-def build_vocab(values: pl.Series, column: str) -> pl.DataFrame:
-    """`index` (1..n, int32) and the raw id `column` (string) of every distinct value."""
-    uniq = pl.DataFrame({column: values.unique()})
+def natural_order(values: pl.Series, column: str) -> pl.DataFrame:
+    """The distinct `values` as `key` (native type) and `column` (the raw id as a string),
+    sorted numerically when every id is an integer (ties of equal numbers by their text),
+    else lexicographically."""
+    uniq = pl.DataFrame({"key": values.unique()})
+    if uniq["key"].dtype == pl.Categorical:
+        uniq = uniq.with_columns(pl.col("key").cast(pl.String))
+    uniq = uniq.with_columns(pl.col("key").cast(pl.String).alias(column))
+    if uniq["key"].dtype.is_integer():
+        return uniq.sort("key")
     numeric = uniq[column].cast(pl.Int64, strict=False)
     if numeric.null_count() == 0:
-        uniq = uniq.with_columns(numeric.alias("_key")).sort("_key", column).drop("_key")
-    else:
-        uniq = uniq.sort(column)
-    return uniq.select(pl.int_range(1, pl.len() + 1, dtype=pl.Int32).alias("index"), column)
+        return uniq.with_columns(numeric.alias("_num")).sort("_num", column).drop("_num")
+    return uniq.sort(column)
+
+
+@dataclass(frozen=True)
+class Codebook:
+    """Every distinct raw id of one column of the log, in vocabulary order.
+
+    `table` has `code` (1..n, int32), `key` (the id in its native type) and the raw id as a
+    string under the column's name.
+    """
+
+    column: str
+    table: pl.DataFrame
+
+    @classmethod
+    def of(cls, values: pl.Series, column: str) -> Codebook:
+        ordered = natural_order(values, column)
+        code = pl.int_range(1, pl.len() + 1, dtype=pl.Int32).alias("code")
+        return cls(column, ordered.select(code, "key", column))
+
+    def encode(self, ids: pl.Expr) -> pl.Expr:
+        """Codes of raw ids of this codebook's type (every id must be in the book)."""
+        return ids.replace_strict(self.table["key"], self.table["code"], return_dtype=pl.Int32)
+
+    def __len__(self) -> int:
+        return self.table.height
+
+
+def dense_index(codes: np.ndarray, size: int) -> np.ndarray:
+    """Lookup table code -> index (1..m in code order) over the codes still present; 0 for
+    codes that no longer occur."""
+    present = np.bincount(codes, minlength=size + 1) > 0
+    present[0] = False
+    return np.where(present, np.cumsum(present), 0).astype(np.int32)
 
 
 @dataclass(frozen=True)
@@ -39,14 +83,39 @@ class Vocabularies:
         }
 
 
-def build_vocabularies(events: pl.DataFrame) -> Vocabularies:
-    """Vocabularies of a cleaned log with string columns user_id, item_id, category."""
-    users = build_vocab(events["user_id"], "user_id")
-    categories = build_vocab(events["category"], "category")
-    item_category = events.select("item_id", "category").unique("item_id", keep="first")
-    items = (
-        build_vocab(events["item_id"], "item_id")
-        .join(item_category, on="item_id", how="left", maintain_order="left")
+def _restrict(book: Codebook, lookup: np.ndarray) -> pl.DataFrame:
+    """`index` and the raw id of the codes the lookup table keeps."""
+    index = pl.Series(lookup[1:]).alias("index")
+    return (
+        book.table.with_columns(index)
+        .filter(pl.col("index") > 0)
+        .select("index", book.column, "code")
+    )
+
+
+def index_events(
+    events: pl.DataFrame,
+    users: Codebook,
+    items: Codebook,
+    item_categories: pl.Series,
+) -> tuple[Vocabularies, pl.DataFrame]:
+    """Vocabularies of the cleaned events and the events as indices, in the same row order.
+
+    `events` holds `user` and `item` codes and `timestamp`; `item_categories` is the raw
+    category of every item code (index = code, row 0 unused).
+    """
+    user_codes = events["user"].to_numpy()
+    item_codes = events["item"].to_numpy()
+    user_lookup = dense_index(user_codes, len(users))
+    item_lookup = dense_index(item_codes, len(items))
+    user_vocab = _restrict(users, user_lookup).drop("code")
+    item_vocab = _restrict(items, item_lookup)
+    category_of_item = item_categories.gather(item_vocab["code"]).alias("category")
+    categories = natural_order(category_of_item, "category").select(
+        pl.int_range(1, pl.len() + 1, dtype=pl.Int32).alias("index"), "category"
+    )
+    item_vocab = (
+        item_vocab.with_columns(category_of_item.cast(pl.String))
         .join(
             categories.rename({"index": "category_index"}),
             on="category",
@@ -55,26 +124,15 @@ def build_vocabularies(events: pl.DataFrame) -> Vocabularies:
         )
         .select("index", "item_id", pl.col("category_index").alias("category"))
     )
-    return Vocabularies(users, items, categories)
-
-
-def index_events(events: pl.DataFrame, vocab: Vocabularies) -> pl.DataFrame:
-    """Events as int32 indices, sorted by user, timestamp and input order (a stable sort)."""
-    return (
-        events.lazy()
-        .drop("category")
-        .join(
-            vocab.users.lazy().rename({"index": "user"}),
-            on="user_id",
-            how="left",
-        )
-        .join(
-            vocab.items.lazy().rename({"index": "item"}),
-            on="item_id",
-            how="left",
-        )
-        .select("user", "item", "category", "timestamp", "row")
-        .sort("user", "timestamp", "row")
-        .drop("row")
-        .collect()
+    item = item_lookup[item_codes]
+    category_lookup = np.zeros(item_vocab.height + 1, dtype=np.int32)
+    category_lookup[item_vocab["index"].to_numpy()] = item_vocab["category"].to_numpy()
+    indexed = pl.DataFrame(
+        {
+            "user": user_lookup[user_codes],
+            "item": item,
+            "category": category_lookup[item],
+            "timestamp": events["timestamp"],
+        }
     )
+    return Vocabularies(user_vocab, item_vocab, categories), indexed
