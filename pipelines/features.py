@@ -21,23 +21,18 @@ from pipelines.sessions import event_table
 EXAMPLE_KEYS = ("user", "offset", "history_end", "short_start", "short_end", "skip_pos")
 
 
-def tau(ref_day: pl.Expr, event_day: pl.Expr) -> pl.Expr:
-    """The paper's time feature: 1 / #{g in 2, 4, ..., 4096 : delta >= g}, at least 1/1.
-
-    `delta = ref_day - event_day + 1` in days, so an event on the reference day has delta 1.
-    (`tau_array` is the same function on arrays; a test keeps the two equal.)
-    """
-    delta = (ref_day - event_day + 1).clip(lower_bound=1)
-    buckets = delta.cast(pl.Float64).log(2).floor().clip(1, 12)
-    return (1.0 / buckets).cast(pl.Float32)
+_TAU_DAYS = 1 << 13  # deltas from here on all have 12 buckets
+_TAU_TABLE = (
+    1.0
+    / np.clip(np.frexp(np.maximum(np.arange(_TAU_DAYS + 1), 1).astype(np.float64))[1] - 1, 1, 12)
+).astype(np.float32)  # tau by delta in days: #{g : delta >= g} = floor(log2(delta)), exactly
 
 
 def tau_array(ref_day: np.ndarray, event_day: np.ndarray) -> np.ndarray:
-    """`tau` on int64 arrays: #{g : delta >= g} = floor(log2(delta)) read exactly off the
-    float exponent, clipped to 1..12."""
-    delta = np.maximum(ref_day - event_day + 1, 1).astype(np.float64)
-    buckets = np.clip(np.frexp(delta)[1] - 1, 1, 12)
-    return (1.0 / buckets).astype(np.float32)
+    """The paper's time feature on integer day arrays: 1 / #{g in 2, 4, ..., 4096 : delta >=
+    g}, at least 1/1, with `delta = ref_day - event_day + 1` (an event on the reference day
+    has delta 1); a table lookup of the clipped delta."""
+    return _TAU_TABLE[np.clip(ref_day - event_day + 1, 1, _TAU_DAYS)]
 
 
 def _ranges(start: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -125,9 +120,9 @@ def _features(
     return pl.DataFrame(
         [
             pl.Series("user_category", category),
-            _lists(long_offsets, long_items.astype(np.int32), "long_items"),
+            _lists(long_offsets, long_items.astype(np.int32, copy=False), "long_items"),
             _lists(long_offsets, long_tau, "long_tau"),
-            _lists(short_offsets, short_items.astype(np.int32), "short_items"),
+            _lists(short_offsets, short_items.astype(np.int32, copy=False), "short_items"),
         ]
     )
 

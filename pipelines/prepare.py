@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from pipelines.atomic import atomic_directory, check_output
@@ -37,6 +40,7 @@ EXAMPLE_COLUMNS = (
     "history_end",
 )
 SPLITS = ("train", "valid", "test")
+EVENT_COLUMNS = ("user", "item", "category", "timestamp", "session", "pos")
 
 
 @dataclass(frozen=True)
@@ -55,8 +59,8 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def build_examples(table: pl.DataFrame, config: PrepareConfig) -> pl.DataFrame:
-    """Examples of the configured split (one lazy plan), with features attached."""
+def build_examples(table: pl.DataFrame, config: PrepareConfig) -> dict[str, pl.DataFrame]:
+    """Examples of each split (positions from one lazy plan, then features per split)."""
     events = table.lazy()
     if config.split == "last-session":
         examples = paper_examples(table, cap=config.max_events_per_user, seed=config.seed)
@@ -65,10 +69,51 @@ def build_examples(table: pl.DataFrame, config: PrepareConfig) -> pl.DataFrame:
     else:
         assert config.valid_from is not None and config.test_from is not None
         examples = time_examples(events, valid_from=config.valid_from, test_from=config.test_from)
-    featured = attach_features(
-        examples.collect(), table, max_long=config.max_long, max_short=config.max_short
+    positions = examples.collect()
+    split = positions["split"]
+    return {
+        name: attach_features(
+            positions.filter(split == name),
+            table,
+            max_long=config.max_long,
+            max_short=config.max_short,
+        ).select(*EXAMPLE_COLUMNS)
+        for name in SPLITS
+    }
+
+
+CHUNK_EVENTS = 1 << 20  # events per block of whole users (bounded, reused temporaries)
+
+
+def user_blocks(events: pl.DataFrame, size: int | None = None) -> list[pl.DataFrame]:
+    """Consecutive slices of `events` (sorted by user), about `size` rows each, never
+    splitting a user: sessions, examples and features are per user, so blocks are built
+    independently and their peak memory stays small."""
+    size = size or CHUNK_EVENTS
+    users = events["user"].to_numpy()
+    n = len(users)
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    cuts = np.unique(starts[np.searchsorted(starts, np.arange(size, n, size))]) if n else []
+    bounds = [0, *[int(c) for c in cuts if 0 < c < n], n]
+    return [events.slice(a, b - a) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+
+
+def build_split_examples(
+    events: pl.DataFrame, config: PrepareConfig
+) -> tuple[pl.DataFrame, dict[str, pl.DataFrame]]:
+    """The event table (the columns events.parquet keeps) and the examples of each split,
+    built block by block of whole users."""
+    tables: list[pl.DataFrame] = []
+    parts: dict[str, list[pl.DataFrame]] = {name: [] for name in SPLITS}
+    for block in user_blocks(events):
+        table = event_table(block.lazy(), config.session).collect()
+        for name, examples in build_examples(table, config).items():
+            parts[name].append(examples)
+        tables.append(table.select(*EVENT_COLUMNS))
+    return (
+        pl.concat(tables, rechunk=False),
+        {name: pl.concat(frames, rechunk=False) for name, frames in parts.items()},
     )
-    return featured.select(*EXAMPLE_COLUMNS, "split")
 
 
 def _truncate(events: pl.DataFrame, config: PrepareConfig) -> pl.DataFrame:
@@ -122,11 +167,13 @@ def prepare_dataset(
     with steps.step("encode ids"):
         users = Codebook.of(raw["user_id"], "user_id")
         items = Codebook.of(raw["item_id"], "item_id")
-        coded = raw.select(
-            "row",
-            users.encode(pl.col("user_id")).alias("user"),
-            items.encode(pl.col("item_id")).alias("item"),
-            "timestamp",
+        coded = pl.DataFrame(
+            [
+                raw["row"],
+                users.encode_series(raw["user_id"]).alias("user"),
+                items.encode_series(raw["item_id"]).alias("item"),
+                raw["timestamp"],
+            ]
         )
     with steps.step("attach categories"):
         categories, category_info = item_categories(
@@ -150,11 +197,9 @@ def prepare_dataset(
     with steps.step("index"):
         vocab, indexed = index_events(cleaned, users, items, categories)
         events = _truncate(indexed, config)
-    with steps.step("sessions"):
-        table = event_table(events.lazy(), config.session).collect()
-    with steps.step("examples and features"):
-        examples = build_examples(table, config)
-    parts = {name: examples.filter(pl.col("split") == name).drop("split") for name in SPLITS}
+    with steps.step("sessions, examples and features"):
+        table, parts = build_split_examples(events, config)
+    examples = pl.concat(list(parts.values()), rechunk=False)
     for name in ("train", "test"):
         if parts[name].height == 0:
             raise DataValidationError(
@@ -199,14 +244,16 @@ def prepare_dataset(
     with steps.step("write"), atomic_directory(out, overwrite=overwrite) as tmp:
         (tmp / "vocab").mkdir()
         (tmp / "examples").mkdir()
-        vocab.users.write_parquet(tmp / "vocab" / "users.parquet")
-        vocab.items.write_parquet(tmp / "vocab" / "items.parquet")
-        vocab.categories.write_parquet(tmp / "vocab" / "categories.parquet")
-        table.select("user", "item", "category", "timestamp", "session", "pos").write_parquet(
-            tmp / "events.parquet"
-        )
-        for name, frame in parts.items():
-            frame.write_parquet(tmp / "examples" / f"{name}.parquet")
+        files = {
+            "vocab/users.parquet": vocab.users,
+            "vocab/items.parquet": vocab.items,
+            "vocab/categories.parquet": vocab.categories,
+            "events.parquet": table,
+            **{f"examples/{name}.parquet": frame for name, frame in parts.items()},
+        }
+        # Polars writes without the GIL: the large files go out side by side, one per core.
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            list(pool.map(lambda item: item[1].write_parquet(tmp / item[0]), files.items()))
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     steps.finish()
     return PreparedDataset(Path(out), manifest)

@@ -54,6 +54,18 @@ class Codebook:
         """Codes of raw ids of this codebook's type (every id must be in the book)."""
         return ids.replace_strict(self.table["key"], self.table["code"], return_dtype=pl.Int32)
 
+    def encode_series(self, ids: pl.Series) -> pl.Series:
+        """`encode` for a whole column; integer ids within a compact range (at most a few
+        times as wide as the column is long) are looked up in an array instead of hashed."""
+        keys = self.table["key"]
+        if keys.dtype.is_integer() and keys.len():
+            low, high = int(keys.min()), int(keys.max())  # type: ignore[arg-type]
+            if high - low <= max(4 * ids.len(), 1 << 16):
+                lookup = np.zeros(high - low + 1, dtype=np.int32)
+                lookup[keys.to_numpy() - low] = self.table["code"].to_numpy()
+                return pl.Series(ids.name, lookup[ids.to_numpy() - low])
+        return ids.to_frame().select(self.encode(pl.col(ids.name))).to_series()
+
     def __len__(self) -> int:
         return self.table.height
 

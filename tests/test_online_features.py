@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -143,3 +144,14 @@ def test_time_moves_the_session_boundary_and_time_features() -> None:
         items, cats, ts, t0 + 30, session=SessionRule(), max_long=50, max_short=0
     )
     assert future.short_items == [1] and future.long_items == []  # events after now ignored
+
+
+def test_tau_table_matches_the_papers_definition() -> None:
+    """Every delta up to past the last bucket, powers of two and their neighbours included."""
+    from pipelines.features import tau_array
+    from tests.reference_construction import DAY, tau
+
+    ref_day = np.full(10_000, 20_000, dtype=np.int64)
+    event_day = ref_day - np.arange(-3, 9_997)  # deltas -2 .. 9997 (future events clip to 1)
+    expected = [tau(int(r) * DAY, int(e) * DAY) for r, e in zip(ref_day, event_day, strict=True)]
+    np.testing.assert_array_equal(tau_array(ref_day, event_day), np.float32(expected))
