@@ -50,7 +50,10 @@ def sort_events(frame: pl.DataFrame) -> pl.DataFrame:
     ts_bits = max(ts_max.bit_length(), 1)
     if int(frame["user"].max() or 0).bit_length() + ts_bits <= 63:
         key = (pl.col("user").cast(pl.Int64) * (1 << ts_bits) + pl.col("timestamp")).alias("_k")
-        return frame.with_columns(key).sort("_k", maintain_order=True).drop("_k")
+        keyed = frame.with_columns(key)
+        if keyed["_k"].is_sorted():  # logs often arrive sorted by user and time
+            return frame
+        return keyed.sort("_k", maintain_order=True).drop("_k")
     return frame.sort("user", "timestamp", "row")
 
 
@@ -83,9 +86,10 @@ def _at_least(codes: pl.Series, minimum: int) -> pl.Series:
 def clean(frame: pl.DataFrame, config: PrepareConfig) -> tuple[pl.DataFrame, list[StepCount]]:
     """Apply the cleaning steps above to sorted, coded events; returns the kept rows (same
     order) and the counts."""
-    steps = [count("read", frame)]
+    read = count("read", frame)
     frame = drop_duplicates(frame)
-    steps.append(count("drop_duplicates", frame))
+    # dropping a repeat never removes the last event of a user or item: same users and items
+    steps = [read, StepCount("drop_duplicates", frame.height, read.users, read.items)]
     if config.min_item_interactions:
         frame = frame.filter(_at_least(frame["item"], config.min_item_interactions))
         steps.append(count("min_item_interactions", frame))
