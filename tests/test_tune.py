@@ -25,9 +25,10 @@ from optuna.trial import TrialState
 from tlsan.cli import main
 from tlsan.config import TrainConfig, load_config_file, preset
 from tlsan.errors import ConfigError
+from tlsan.tuning.pruning import BestSoFarMedianPruner
 from tlsan.tuning.space import DEFAULT_SPACE, load_space, space_from_dict
 from tlsan.tuning.storage import check_url, journal_path, open_storage
-from tlsan.tuning.study import make_pruner, make_sampler, open_study
+from tlsan.tuning.study import make_pruner, make_sampler, open_study, warmup_epochs
 from tlsan.tuning.workers import RETRY_ATTR, SURPLUS_ATTR, run_worker, slot_rank, tally
 
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -508,3 +509,65 @@ def test_ctrl_c_stops_after_the_running_trial(tiny_data: Path, tmp_path: Path) -
     assert trials and all(t.state in COUNTED for t in trials)  # it finished, nothing failed
     assert len(trials) < 4
     assert os.path.exists(tmp_path / "out" / "best_config.yaml")
+
+
+# -- the early-stopping-aware median pruner -----------------------------------------------------
+def completed_trial(curve: list[float]) -> optuna.trial.FrozenTrial:
+    return optuna.trial.create_trial(
+        value=max(curve),
+        intermediate_values={epoch: v for epoch, v in enumerate(curve, start=1)},
+        distributions={},
+        params={},
+    )
+
+
+def running_trial_prunes(study: optuna.Study, curve: list[float]) -> list[bool]:
+    trial = study.ask()
+    decisions = []
+    for epoch, value in enumerate(curve, start=1):
+        trial.report(value, epoch)
+        decisions.append(trial.should_prune())
+    study.tell(trial, state=TrialState.FAIL)
+    return decisions
+
+
+def test_median_pruner_counts_early_stopped_trials_with_their_best() -> None:
+    """Completed trials stopped at epoch 4 (converged at 0.10); a slow trial at 0.05 by
+    epoch 8 is pruned although no completed trial reported anything at epoch 8. Optuna's
+    MedianPruner (values at the same epoch only) keeps it running."""
+    fast = [[0.04, 0.08, 0.10, 0.09], [0.05, 0.09, 0.10, 0.10], [0.03, 0.07, 0.09, 0.08]]
+    slow = [0.02, 0.02, 0.03, 0.03, 0.04, 0.04, 0.05, 0.05]
+
+    def study_with(pruner: optuna.pruners.BasePruner) -> optuna.Study:
+        study = optuna.create_study(direction="maximize", pruner=pruner)
+        for curve in fast:
+            study.add_trial(completed_trial(curve))
+        return study
+
+    ours = running_trial_prunes(study_with(BestSoFarMedianPruner(3, 5)), slow)
+    assert ours == [False] * 4 + [True] * 4  # warm-up first, then the carried-forward median
+    optunas = running_trial_prunes(study_with(optuna.pruners.MedianPruner(3, 5)), slow)
+    assert optunas[5:] == [False] * 3  # nothing to compare with after epoch 4
+
+
+def test_median_pruner_keeps_a_trial_above_the_median_and_waits_for_startup() -> None:
+    study = optuna.create_study(direction="maximize", pruner=BestSoFarMedianPruner(3, 1))
+    for curve in ([0.05, 0.06], [0.07, 0.08]):
+        study.add_trial(completed_trial(curve))
+    assert running_trial_prunes(study, [0.01, 0.01]) == [False, False]  # 2 of 3 start-up
+    study.add_trial(completed_trial([0.06, 0.07]))  # bests by epoch 2: 0.06, 0.07, 0.08
+    assert running_trial_prunes(study, [0.01, 0.075]) == [True, False]  # best so far counts
+    minimize = optuna.create_study(direction="minimize", pruner=BestSoFarMedianPruner(1, 1))
+    minimize.add_trial(completed_trial([0.5, 0.4]))
+    assert running_trial_prunes(minimize, [0.45, 0.3]) == [False, False]
+    assert running_trial_prunes(minimize, [0.6, 0.6]) == [True, True]
+
+
+def test_median_pruner_waits_a_tenth_of_the_epoch_budget() -> None:
+    pruner = make_pruner("median", 40)
+    assert isinstance(pruner, BestSoFarMedianPruner)
+    study = optuna.create_study(direction="maximize", pruner=pruner)
+    for _ in range(5):
+        study.add_trial(completed_trial([0.1] * 6))
+    assert running_trial_prunes(study, [0.01] * 6) == [False] * 3 + [True] * 3  # warm-up 4
+    assert warmup_epochs(None) == 4 and warmup_epochs(10) == 3 and warmup_epochs(100) == 10

@@ -1,0 +1,62 @@
+"""A median pruner that understands early stopping.
+
+Optuna's `MedianPruner` compares a trial at epoch t with the values other completed trials
+reported *at epoch t*. With early stopping most completed trials have no value at later
+epochs (they stopped because they had converged), so a slow, mediocre trial is compared only
+with the few other slow trials and runs on for tens of epochs: on Digital_Music that pruner
+saved 22% of the epochs of a 30-trial sweep. Here a completed trial counts at every later
+epoch with the best value it reached (what it would still offer had it kept training), and a
+running trial is stopped when its best so far is below the median of those.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping
+
+import optuna
+from optuna.pruners import BasePruner
+from optuna.study import StudyDirection
+from optuna.trial import FrozenTrial, TrialState
+
+
+def best_up_to(values: Mapping[int, float], step: int, maximize: bool) -> float | None:
+    """Best reported value at or before `step` (NaNs ignored), None when there is none."""
+    seen = [v for s, v in values.items() if s <= step and not math.isnan(v)]
+    if not seen:
+        return None
+    return max(seen) if maximize else min(seen)
+
+
+class BestSoFarMedianPruner(BasePruner):
+    """Prune when the trial's best so far is worse than the median best-so-far of completed
+    trials at the same step, a completed trial keeping its final best after it stopped.
+
+    No pruning before `n_startup_trials` trials completed, nor while the trial's last step is
+    below `n_warmup_steps`.
+    """
+
+    def __init__(self, n_startup_trials: int = 5, n_warmup_steps: int = 0) -> None:
+        if n_startup_trials < 0 or n_warmup_steps < 0:
+            raise ValueError("n_startup_trials and n_warmup_steps must be >= 0")
+        self._startup = n_startup_trials
+        self._warmup = n_warmup_steps
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        step = trial.last_step
+        if step is None or step < self._warmup:
+            return False
+        completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if len(completed) < self._startup:
+            return False
+        maximize = study.direction == StudyDirection.MAXIMIZE
+        current = best_up_to(trial.intermediate_values, step, maximize)
+        if current is None:
+            return True  # only NaNs so far: nothing worth training on
+        others = [best_up_to(t.intermediate_values, step, maximize) for t in completed]
+        reached = [v for v in others if v is not None]
+        if not reached:
+            return False
+        median = statistics.median(reached)
+        return current < median if maximize else current > median
