@@ -182,9 +182,38 @@ def test_existing_output_is_not_replaced_without_overwrite(capsys, tmp_path: Pat
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    status = main(
-        ["prepare", "--interactions", str(_csv(tmp_path, GOOD)), "--out", str(out), "--quiet"]
-    )
+    log = str(_csv(tmp_path, GOOD))
+    args = ["--interactions", log, "--split", "leave-one-out", "--out", str(out), "--quiet"]
+    status = main(["prepare", *args])
     assert status == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "needle"),
+    [
+        ("--seed", "abc", "argument --seed: invalid int value: 'abc'"),
+        ("--min-user-interactions", "2.5", "argument --min-user-interactions"),
+        ("--split", "random", "argument --split: invalid choice: 'random'"),
+        ("--format", "xlsx", "argument --format: invalid choice: 'xlsx'"),
+    ],
+)
+def test_bad_flag_values_are_one_line(
+    capsys, tmp_path: Path, flag: str, value: str, needle: str
+) -> None:
+    path = _csv(tmp_path, GOOD)
+    _fails(capsys, tmp_path, ["--interactions", str(path), flag, value], needle, "--help")
+
+
+def test_unwritable_out_is_one_line(capsys, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    out = blocker / "out"
+    log = str(_csv(tmp_path, GOOD))
+    args = ["--interactions", log, "--split", "leave-one-out", "--out", str(out), "--quiet"]
+    status = main(["prepare", *args])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.count("\n") == 1 and "a-file" in err and "Traceback" not in err
+    assert blocker.read_text() == "not a directory"

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 COMMANDS: tuple[str, ...] = (
     "prepare",
@@ -41,10 +42,18 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Bad flags are user errors too: one line naming the flag, exit status 2 (argparse's
+    default prints the whole usage block first). Subparsers inherit the class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser; with `only`, just that command's module is imported (fast start-up:
     `tlsan prepare` never pays for importing torch or MLflow)."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="tlsan", description="Time-aware sequential recommendation with TLSAN."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -56,10 +65,16 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a bad flag (2, already reported)
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         status = args.func(args)
     except user_error_types() as exc:
+        print(f"tlsan {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # unwritable --out, full disk, ...: the message names the path
         print(f"tlsan {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
