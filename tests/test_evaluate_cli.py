@@ -7,6 +7,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -70,6 +71,35 @@ def test_evaluate_json_table_and_per_user(
         capsys,
     )
     assert status == 0 and list(json.loads(custom.read_text())) == metric_names((1, 3))
+
+
+def test_per_user_top_items_are_the_ranking_behind_the_metrics(
+    runs: dict[str, Path], data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["evaluate", "--run", str(runs["tlsan"]), "--data", str(data), "--top", "10"]
+    parquet, csv, everything = (tmp_path / n for n in ("a.parquet", "a.csv", "b.parquet"))
+    for extra in (["--per-user", str(parquet)], ["--per-user", str(csv)]):
+        assert run_cli([*args, *extra], capsys)[0] == 0
+    everything_args = ["--per-user", str(everything), "--include-history"]
+    assert run_cli([*args, *everything_args], capsys)[0] == 0
+
+    def top_and_hits(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        frame = pl.read_parquet(path)
+        top = np.array(frame.get_column("top_items").to_list())
+        hit = (top == frame.get_column("target").to_numpy()[:, None]).any(1)
+        return top, hit, frame.get_column("rank").to_numpy() < 10
+
+    top, hit, ranked = top_and_hits(everything)
+    assert top.shape == (len(hit), 10) and (top > 0).all()
+    assert all(len(set(row)) == 10 for row in top.tolist())  # no item twice
+    assert (hit == ranked).all() and hit.any()  # the top 10 is the ranking behind hr@10
+    top, hit, ranked = top_and_hits(parquet)
+    assert (top > 0).all() and hit.any()
+    assert not (hit & ~ranked).any()  # a seen target is ranked but never shown
+    as_csv = pl.read_csv(csv).get_column("top_items").str.split(" ").cast(pl.List(pl.Int64))
+    assert as_csv.to_list() == top.tolist()
+    status, _, err = run_cli([*args[:-2], "--top", "5"], capsys)  # --top without --per-user
+    assert status == 2 and "--top" in err and "--per-user" in err
 
 
 def trained_examples(data: Path, split: str) -> int:

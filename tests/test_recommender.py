@@ -21,6 +21,7 @@ from tlsan.bundle import Bundle, load_bundle, write_bundle
 from tlsan.cli import main
 from tlsan.config import preset
 from tlsan.data import load_dataset
+from tlsan.evaluate import evaluate_model
 from tlsan.train import fit
 
 DAY = 86_400
@@ -86,18 +87,11 @@ def recommender(served: tuple[Path, Bundle], tmp_path: Path) -> Iterator[Recomme
 
 
 def offline_top10(data: Path, bundle: Bundle) -> np.ndarray:
-    """The evaluator's ranking of every test example: `user_vectors @ item_vectors.T` over the
-    whole catalog, padding and the example's history (earlier events + session items) excluded,
-    ties by item index."""
+    """The offline evaluator's top 10 of every test example (`evaluate_model(top_k=10)`: the
+    ranking behind its metrics, history excluded, ties by item index)."""
     split = load_dataset(data, splits=("test",)).test
-    model = bundle.load_model()
-    with torch.inference_mode():
-        scores = (model.user_vectors(split.arrays.batch()) @ model.item_vectors().T).numpy()
-    scores[:, 0] = float("-inf")
-    rows, items = split.seen_pairs(0, len(split))
-    scores[rows.numpy(), items.numpy()] = float("-inf")
-    order = np.lexsort((np.broadcast_to(np.arange(scores.shape[1]), scores.shape), -scores))
-    return order[:, :10]
+    result = evaluate_model(bundle.load_model(), split, top_k=10)
+    return result.per_example["top_items"]
 
 
 # ------------------------------------------------------------------ parity

@@ -21,6 +21,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--include-history", action="store_true", help="rank history items too")
     p.add_argument("--ks", default="5,10,20,50", help="cut-offs, comma-separated")
     p.add_argument("--per-user", type=Path, help="per-example rows to FILE (.parquet or .csv)")
+    p.add_argument(
+        "--top",
+        type=int,
+        default=0,
+        metavar="K",
+        help="with --per-user: also each example's top K items (what serving would show)",
+    )
     p.add_argument("--json", type=Path, help="write the metrics as JSON to FILE")
     p.add_argument("--paper-seed", type=int, default=0, help="seed of paper_auc's negatives")
     p.add_argument("--batch-size", type=int, default=1024, help="examples per batch")
@@ -33,12 +40,15 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from tlsan.data import load_dataset
+    from tlsan.errors import TlsanError
     from tlsan.evaluate import evaluate_model, write_per_example
     from tlsan.metrics import parse_ks
     from tlsan.run_dir import load_run, write_json
     from tlsan.train import set_threads
 
     ks = parse_ks(args.ks)
+    if args.top < 0 or (args.top and not args.per_user):
+        raise TlsanError(f"--top: expected K >= 1 together with --per-user, got {args.top}")
     set_threads(args.threads)
     dataset = load_dataset(args.data, splits=(args.split,))
     loaded = load_run(args.run, dataset)
@@ -49,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         include_history=args.include_history,
         batch_size=args.batch_size,
         paper_seed=args.paper_seed,
+        top_k=args.top,
     )
     table = Table(
         title=f"{loaded.config.model.kind} on {args.split} ({len(dataset.split(args.split))} "
