@@ -315,6 +315,68 @@ def test_local_dp_clips_every_update_and_fedprox_runs(
     assert settings["settings"]["dp_mode"] == "local"
 
 
+def _train_updates(sim: Simulated, server_round: int) -> list[tuple[dict[str, np.ndarray], float]]:
+    """(update = reply - global it was sent, weight) of every train reply of a round."""
+    sent = sim.wire.sent_arrays[(server_round, "train")]
+    updates = []
+    for reply in sim.wire.received:
+        if reply.kind != "train" or reply.round != server_round:
+            continue
+        delta = {
+            k.split("/", 1)[1]: a.astype(np.float64) - sent[k.split("/", 1)[1]].reshape(a.shape)
+            for k, a in reply.arrays.items()
+        }
+        weight = next(v for k, v in reply.metrics.items() if k.endswith("num-examples"))
+        updates.append((delta, float(weight)))
+    return updates
+
+
+def _flat(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    return np.concatenate([arrays[k].ravel() for k in sorted(arrays)])
+
+
+@pytest.mark.slow
+def test_local_dp_noise_reaches_the_server_with_the_promised_scale(
+    tmp_path: Path, tiny_data: Path
+) -> None:
+    """LocalDpMod: every update leaves the device clipped to C plus Gaussian noise of std
+    noise * C per coordinate, so what the server receives is mostly noise."""
+    clip, noise = 0.05, 0.5
+    sim = _simulate(tmp_path, tiny_data, dp_clip=clip, dp_noise=noise, dp_mode="local",
+                    rounds=1, personal_epochs=1)  # fmt: skip
+    updates = _train_updates(sim, 1)
+    assert len(updates) == 3
+    for delta, _ in updates:
+        flat = _flat(delta)
+        assert flat.size > 1_000
+        # the clipped signal adds at most C / sqrt(size) per coordinate
+        assert np.std(flat) == pytest.approx(noise * clip, rel=0.1)
+        assert np.linalg.norm(flat) > 10 * clip
+
+
+@pytest.mark.slow
+def test_central_dp_clips_on_clients_and_the_server_adds_the_noise(
+    tmp_path: Path, tiny_data: Path
+) -> None:
+    """Central DP: clients clip with fixedclipping_mod (updates arrive with norm <= C, no
+    noise); the next global model is their weighted mean plus Gaussian noise of std
+    noise * C / clients, added on the server."""
+    clip, noise = 0.05, 2.0
+    sim = _simulate(tmp_path, tiny_data, dp_clip=clip, dp_noise=noise, dp_mode="central",
+                    rounds=2, personal_epochs=1)  # fmt: skip
+    updates = _train_updates(sim, 1)
+    assert len(updates) == 3
+    norms = [np.linalg.norm(_flat(delta)) for delta, _ in updates]
+    assert max(norms) <= clip * (1 + 1e-4) and min(norms) > 0.9 * clip  # clipped, binding
+    total = sum(w for _, w in updates)
+    mean = sum(_flat(delta) * w for delta, w in updates) / total
+    first = sim.wire.sent_arrays[(1, "train")]
+    second = sim.wire.sent_arrays[(2, "train")]
+    residual = _flat({k: second[k].astype(np.float64) - first[k] for k in first}) - mean
+    assert np.std(residual) == pytest.approx(noise * clip / 3, rel=0.1)
+    assert abs(np.mean(residual)) < 0.1 * noise * clip / 3
+
+
 # -- pieces without Flower ---------------------------------------------------------------------
 @pytest.mark.parametrize(("text", "users"), [("user", 1), ("cohort:1", 1), ("cohort:25", 25)])
 def test_client_unit_parses(text: str, users: int) -> None:
