@@ -3,11 +3,11 @@
 The baseline is the per-user loop that the TLSAN reference preprocessing and most notebooks
 use (pandas groupby, a Python loop over each user's sessions) producing the same dataset
 (remapped ids, every example with its features, the validation move, Parquet files), run on
-the same log and checked to produce the same example counts. Each measurement runs in a fresh subprocess so peak RSS
-is its own. Prints one JSON document.
+the same log and checked to produce the same example counts. Each measurement runs in a fresh
+subprocess so peak RSS is its own. Prints one JSON document.
 
-    python benchmarks/pipeline.py                 # 1M events (and pandas on 1M)
-    python benchmarks/pipeline.py --events 10000000 --baseline-events 1000000
+    python benchmarks/pipeline.py                 # 1M and 10M events (pandas on 1M)
+    python benchmarks/pipeline.py --events 1000000 --repeats 1   # a quick look
 """
 
 from __future__ import annotations
@@ -237,7 +237,7 @@ def main() -> None:
         _child(*sys.argv[2:5])
         return
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--events", type=int, default=10_000_000)
     parser.add_argument("--baseline-events", type=int, default=1_000_000)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
@@ -280,6 +280,7 @@ def main() -> None:
                     "impl": impl,
                     "events": args.baseline_events,
                     "seconds": round(base["seconds"], 3),
+                    "events_per_second": round(args.baseline_events / base["seconds"]),
                     "peak_rss_mb": round(base["peak_rss_mb"]),
                     "speedup_of_ours": round(base["seconds"] / ours["median_seconds"], 1),
                 }
