@@ -313,7 +313,10 @@ def test_bad_input_gets_a_4xx_json_body_naming_the_field(server: BentoServer) ->
 
 # ------------------------------------------------------------------ the CLI and durability
 def test_serve_refuses_bad_bundles_and_stores_before_starting(
-    deployment: Deployment, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    deployment: Deployment,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     assert main(["serve", "--bundle", str(tmp_path / "missing")]) == 2
     assert "expected a bundle from `tlsan export`" in capsys.readouterr().err
@@ -321,6 +324,14 @@ def test_serve_refuses_bad_bundles_and_stores_before_starting(
     assert main(["serve", "--bundle", bundle, "--store", "mysql://db"]) == 2
     assert "unknown scheme 'mysql'" in capsys.readouterr().err
     assert main(["serve", "--bundle", bundle, "--workers", "0"]) == 2
+    capsys.readouterr()
+    # Registry sources are resolved before any worker starts, too.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
+    assert main(["serve", "--bundle", "models:/tlsan@champion"]) == 2
+    assert "no such registered model version" in capsys.readouterr().err
+    assert main(["serve", "--bundle", "bentoml:tlsan"]) == 2
+    assert "not in the BentoML model store" in capsys.readouterr().err
 
 
 def test_acknowledged_events_survive_killing_the_server(

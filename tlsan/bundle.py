@@ -493,9 +493,19 @@ def load_bundle(source: str | os.PathLike[str], *, verify: bool = True) -> Bundl
         except BundleError:  # a damaged cached download: fetch it once more
             shutil.rmtree(cached, ignore_errors=True)
             return open_bundle(_from_mlflow(text), verify=verify, source=text)
+    return open_bundle(local_bundle_path(text), verify=verify, source=text)
+
+
+def local_bundle_path(source: str | os.PathLike[str]) -> Path:
+    """The local directory behind a bundle source (an MLflow version is downloaded to its
+    cache, a BentoML tag resolved in the model store); raises `BundleError` when the source
+    does not exist, so a server can refuse it before it starts its workers."""
+    text = os.fspath(source)
+    if text.startswith(MLFLOW_PREFIX):
+        return _from_mlflow(text)
     if text.startswith(BENTOML_PREFIX):
-        return open_bundle(_from_bentoml(text[len(BENTOML_PREFIX) :]), verify=verify, source=text)
-    return open_bundle(Path(text), verify=verify, source=text)
+        return _from_bentoml(text[len(BENTOML_PREFIX) :])
+    return Path(text)
 
 
 # ------------------------------------------------------------ MLflow, BentoML
@@ -528,7 +538,13 @@ def _from_mlflow(uri: str) -> Path:
             raise BundleError(f"{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
     except MlflowException as exc:
         raise BundleError(f"{uri}: no such registered model version ({exc.message})") from exc
-    cache = Path(tempfile.gettempdir()) / "tlsan-bundles" / f"{version.name}-v{version.version}"
+    # keyed by the registry too: two tracking stores can both hold a `tlsan` version 1
+    registry = hashlib.sha256(client.tracking_uri.encode()).hexdigest()[:12]
+    cache = (
+        Path(tempfile.gettempdir())
+        / "tlsan-bundles"
+        / f"{version.name}-v{version.version}-{registry}-{version.run_id or 'norun'}"
+    )
     if (cache / MANIFEST).is_file():
         return cache
     cache.parent.mkdir(parents=True, exist_ok=True)

@@ -61,14 +61,14 @@ def run(args: argparse.Namespace) -> int:
         if value < low or (flag == "port" and value > 65535):
             raise ConfigError(f"--{flag.replace('_', '-')}: out of range, got {value}")
     from feature_store import open_store
-    from tlsan.bundle import BENTOML_PREFIX, MLFLOW_PREFIX, read_manifest
+    from tlsan.bundle import BENTOML_PREFIX, MLFLOW_PREFIX, local_bundle_path, read_manifest
 
     cwd = Path.cwd()
     bundle = args.bundle
     if not bundle.startswith((MLFLOW_PREFIX, BENTOML_PREFIX)):
         bundle = str(Path(bundle).resolve())
-        manifest = read_manifest(Path(bundle))  # fail here, not in every worker
-        print(f"serving {manifest['model_version']} from {bundle}", file=sys.stderr)
+    manifest = read_manifest(local_bundle_path(bundle))  # fail here, not in every worker
+    print(f"serving {manifest['model_version']} from {bundle}", file=sys.stderr)
     store = absolute_store_url(args.store, cwd)
     open_store(store).close()  # a bad URL or an unreachable server fails here
     env = dict(os.environ)
