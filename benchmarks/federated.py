@@ -190,6 +190,9 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
             config=fed_config,
             local_epochs=args.local_epochs,
             client_unit=args.client_unit,
+            strategy=args.strategy,
+            server_lr=args.server_lr,
+            server_momentum=args.server_momentum,
             personal_epochs=args.personal_epochs,
             mlflow=False,
             progress=not args.quiet,
@@ -254,6 +257,9 @@ def main() -> None:
     q.add_argument("--batch-size", type=int, default=64)
     q.add_argument("--lr", type=float, default=5e-3)
     q.add_argument("--personal-epochs", type=int, default=10)
+    q.add_argument("--strategy", choices=["fedavg", "fedprox", "fedavgm"], default="fedavg")
+    q.add_argument("--server-lr", type=float, default=1.0, help="fedavgm")
+    q.add_argument("--server-momentum", type=float, default=0.9, help="fedavgm")
     q.add_argument("--from-run", action="store_true", help="also federate from (a)'s run")
     q.add_argument("--from-run-rounds", type=int, default=10)
     q.add_argument("--seed", type=int, default=0)
