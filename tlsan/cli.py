@@ -71,10 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     try:
         status = args.func(args)
-    except user_error_types() as exc:
-        print(f"tlsan {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # unwritable --out, full disk, ...: the message names the path
+    except (*user_error_types(), OSError) as exc:  # OSError: unwritable --out, full disk, ...
         print(f"tlsan {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -3,10 +3,9 @@
 Optuna's `MedianPruner` compares a trial at epoch t with the values other completed trials
 reported *at epoch t*. With early stopping most completed trials have no value at later
 epochs (they stopped because they had converged), so a slow, mediocre trial is compared only
-with the few other slow trials and runs on for tens of epochs: on Digital_Music that pruner
-saved 22% of the epochs of a 30-trial sweep. Here a completed trial counts at every later
-epoch with the best value it reached (what it would still offer had it kept training), and a
-running trial is stopped when its best so far is below the median of those.
+with the few other slow trials and runs on for tens of epochs. Here a completed trial counts
+at every later epoch with the best value it reached (what it would still offer had it kept
+training), and a running trial is stopped when its best so far is below the median of those.
 """
 
 from __future__ import annotations
