@@ -97,8 +97,10 @@ def clean(frame: pl.DataFrame, config: PrepareConfig) -> tuple[pl.DataFrame, lis
         frame = frame.filter(_at_least(frame["user"], config.min_user_interactions))
         steps.append(count("min_user_interactions", frame))
     if (config.min_sessions or config.max_sessions) and frame.height:
-        starts = frame.select(new_session(config.session).alias("new")).to_series().to_numpy()
         users = frame["user"].to_numpy()
+        first = np.ones(users.size, dtype=bool)
+        np.not_equal(users[1:], users[:-1], out=first[1:])
+        starts = new_session(config.session, frame["timestamp"].to_numpy(), first)
         sessions = np.bincount(users[starts], minlength=int(users.max()) + 1)[users]
         keep = sessions >= config.min_sessions
         if config.max_sessions:

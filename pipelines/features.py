@@ -2,13 +2,14 @@
 
 An example is described by positions into its user's event table (`pipelines.sessions`):
 `history_end` (events before it are the long-term history), `[short_start, short_end)` minus
-`skip_pos` (the short-term session) and `ref_time`. `attach_features` turns those positions into
-item lists, time features and the user category with one lazy Polars plan. `user_features`
-runs the very same code for one user's stored events at a serving-time `now`.
+`skip_pos` (the short-term session) and `ref_time`. `feature_lists` turns those positions into
+item lists, time features and the user category with array operations; `attach_features`
+runs it on a split's examples, `online_features` on serving requests at their `now`.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ import numpy as np
 import polars as pl
 
 from pipelines.config import SECONDS_PER_DAY, SessionRule
-from pipelines.sessions import event_table
+from pipelines.sessions import event_columns
 
 EXAMPLE_KEYS = ("user", "offset", "history_end", "short_start", "short_end", "skip_pos")
 
@@ -93,38 +94,90 @@ def attach_features(
     return pl.concat([examples, features], how="horizontal")
 
 
-def _features(
-    examples: pl.DataFrame, table: dict[str, np.ndarray], max_long: int, max_short: int
-) -> pl.DataFrame:
-    """The feature columns of one chunk of examples (see `attach_features`)."""
-    off = examples["offset"].to_numpy().astype(np.int64)
-    h = examples["history_end"].to_numpy().astype(np.int64)
+@dataclass(frozen=True)
+class FeatureLists:
+    """Feature columns of examples as flat arrays with Arrow-style offsets (n + 1 each)."""
+
+    user_category: np.ndarray  # (n,) int32
+    long_items: np.ndarray  # flat int32
+    long_tau: np.ndarray  # flat float32, one per long item
+    long_offsets: np.ndarray
+    short_items: np.ndarray  # flat int32
+    short_offsets: np.ndarray
+
+
+def feature_lists(
+    positions: dict[str, np.ndarray],
+    table: dict[str, np.ndarray],
+    max_long: int,
+    max_short: int,
+) -> FeatureLists:
+    """The feature lists of position-described examples (EXAMPLE_KEYS minus user, plus
+    ref_time) over the event-table columns item, day, pos and mode_category: the single
+    implementation behind offline examples and online requests."""
+    off = positions["offset"].astype(np.int64, copy=False)
+    h = positions["history_end"].astype(np.int64, copy=False)
     item = table["item"]
 
     idx, long_offsets = _ranges(off + np.maximum(h - max_long, 0), off + h)
-    ref_day = examples["ref_time"].to_numpy() // SECONDS_PER_DAY
+    ref_day = positions["ref_time"] // SECONDS_PER_DAY
     long_tau = tau_array(np.repeat(ref_day, np.diff(long_offsets)), table["day"][idx])
     long_items = item[idx]
 
-    s_start = examples["short_start"].to_numpy().astype(np.int64)
-    s_end = examples["short_end"].to_numpy().astype(np.int64)
+    s_start = positions["short_start"].astype(np.int64, copy=False)
+    s_end = positions["short_end"].astype(np.int64, copy=False)
     if max_short:
         s_start = np.maximum(s_start, s_end - max_short - 1)
     idx, short_offsets = _ranges(off + s_start, off + s_end)
-    skip = np.repeat(examples["skip_pos"].to_numpy().astype(np.int64), np.diff(short_offsets))
+    skip = np.repeat(positions["skip_pos"].astype(np.int64, copy=False), np.diff(short_offsets))
     short_offsets, keep = _keep(short_offsets, table["pos"][idx] != skip, max_short)
     short_items = item[idx[keep]]
 
     mode = table["mode_category"]
     category = np.where(h > 0, mode[np.maximum(off + h - 1, 0)], 0).astype(np.int32)
+    return FeatureLists(
+        user_category=category,
+        long_items=long_items.astype(np.int32, copy=False),
+        long_tau=long_tau,
+        long_offsets=long_offsets,
+        short_items=short_items.astype(np.int32, copy=False),
+        short_offsets=short_offsets,
+    )
+
+
+def _features(
+    examples: pl.DataFrame, table: dict[str, np.ndarray], max_long: int, max_short: int
+) -> pl.DataFrame:
+    """The feature columns of one chunk of examples (see `attach_features`)."""
+    positions = {
+        name: examples[name].to_numpy()
+        for name in ("offset", "history_end", "short_start", "short_end", "skip_pos", "ref_time")
+    }
+    return _feature_frame(feature_lists(positions, table, max_long, max_short))
+
+
+def _feature_frame(lists: FeatureLists) -> pl.DataFrame:
+    """user_category, long_items, long_tau and short_items as Polars columns."""
     return pl.DataFrame(
         [
-            pl.Series("user_category", category),
-            _lists(long_offsets, long_items.astype(np.int32, copy=False), "long_items"),
-            _lists(long_offsets, long_tau, "long_tau"),
-            _lists(short_offsets, short_items.astype(np.int32, copy=False), "short_items"),
+            pl.Series("user_category", lists.user_category),
+            _lists(lists.long_offsets, lists.long_items, "long_items"),
+            _lists(lists.long_offsets, lists.long_tau, "long_tau"),
+            _lists(lists.short_offsets, lists.short_items, "short_items"),
         ]
     )
+
+
+# A target example's positions, by event-table column: short-term = the earlier events of
+# the target's own session, long-term = all events of earlier sessions, reference time =
+# the session's first timestamp. Offline (`target_examples`) and online read this one map.
+TARGET_POSITIONS = {
+    "history_end": "session_start",
+    "short_start": "session_start",
+    "short_end": "pos",
+    "ref_time": "session_time",
+}
+NO_SKIP = -1
 
 
 def target_examples(
@@ -132,19 +185,18 @@ def target_examples(
 ) -> pl.LazyFrame:
     """One example per target event: the semantics of serving and of leave-one-out/time splits.
 
-    Short-term = the earlier events of the target's own session, long-term = all events of
-    earlier sessions, reference time = the session's first timestamp. `carry` names extra
-    table columns to keep.
+    Positions as TARGET_POSITIONS says; `carry` names extra table columns to keep.
     """
+    p = TARGET_POSITIONS
     return table.filter(is_target).select(
         "user",
         "offset",
-        pl.col("session_start").alias("history_end"),
-        pl.col("session_start").alias("short_start"),
-        pl.col("pos").alias("short_end"),
-        pl.lit(-1, dtype=pl.Int32).alias("skip_pos"),
+        pl.col(p["history_end"]).alias("history_end"),
+        pl.col(p["short_start"]).alias("short_start"),
+        pl.col(p["short_end"]).alias("short_end"),
+        pl.lit(NO_SKIP, dtype=pl.Int32).alias("skip_pos"),
         pl.col("item").alias("target"),
-        pl.col("session_time").alias("ref_time"),
+        pl.col(p["ref_time"]).alias("ref_time"),
         pl.col("timestamp").alias("target_time"),
         *carry,
     )
@@ -175,6 +227,106 @@ class History:
             raise ValueError("items, categories and timestamps must have the same length")
 
 
+@dataclass(frozen=True)
+class OnlineFeatures:
+    """The model inputs of a batch of users at their `now`s, one row per history."""
+
+    lists: FeatureLists
+    ref_time: np.ndarray  # (n,) int64
+    history_end: np.ndarray  # (n,) int64
+
+    def __len__(self) -> int:
+        return int(self.ref_time.size)
+
+    def frame(self) -> pl.DataFrame:
+        """The rows as the columns of an offline example."""
+        return pl.concat(
+            [
+                _feature_frame(self.lists),
+                pl.DataFrame({"ref_time": self.ref_time, "history_end": self.history_end}),
+            ],
+            how="horizontal",
+        ).select(*USER_FEATURE_COLUMNS)
+
+    def row(self, n: int) -> UserFeatures:
+        """Row `n` as a plain record."""
+        lists = self.lists
+        long = slice(int(lists.long_offsets[n]), int(lists.long_offsets[n + 1]))
+        short = slice(int(lists.short_offsets[n]), int(lists.short_offsets[n + 1]))
+        return UserFeatures(
+            long_items=lists.long_items[long].tolist(),
+            long_tau=lists.long_tau[long].tolist(),
+            short_items=lists.short_items[short].tolist(),
+            user_category=int(lists.user_category[n]),
+            ref_time=int(self.ref_time[n]),
+            history_end=int(self.history_end[n]),
+        )
+
+
+USER_FEATURE_COLUMNS = (
+    "long_items",
+    "long_tau",
+    "short_items",
+    "user_category",
+    "ref_time",
+    "history_end",
+)
+
+
+def _flat(values: Sequence[Sequence[int]], total: int) -> np.ndarray:
+    """The concatenation of integer sequences as one int64 array."""
+    return np.fromiter(itertools.chain.from_iterable(values), dtype=np.int64, count=total)
+
+
+def online_features(
+    histories: Sequence[History],
+    nows: Sequence[int],
+    *,
+    session: SessionRule,
+    max_long: int,
+    max_short: int,
+) -> OnlineFeatures:
+    """Features of each user's next event at their `now`, one row per history, in order.
+
+    Events after `now` are ignored. A sentinel event at `now` is appended to each history
+    (after every event with the same timestamp) and the offline per-target construction
+    (`event_columns`, TARGET_POSITIONS, `feature_lists`) runs on it, so the current session,
+    long-term history and time features are exactly those training computes. All array
+    work: a request costs well under a millisecond of feature code.
+    """
+    if len(histories) != len(nows):
+        raise ValueError("one `now` per history is needed")
+    n = len(histories)
+    lengths = np.array([len(h.items) for h in histories], dtype=np.int64)
+    total = int(lengths.sum())
+    now = np.asarray(nows, dtype=np.int64)
+    # stored events first, then the n sentinels (item 0 at `now`); sorted below
+    user = np.concatenate([np.repeat(np.arange(n, dtype=np.int64), lengths), np.arange(n)])
+    item = np.concatenate([_flat([h.items for h in histories], total), np.zeros(n, np.int64)])
+    category = np.concatenate(
+        [_flat([h.categories for h in histories], total), np.zeros(n, np.int64)]
+    )
+    stamp = np.concatenate([_flat([h.timestamps for h in histories], total), now])
+    sentinel = np.zeros(total + n, dtype=bool)
+    sentinel[total:] = True
+    keep = np.flatnonzero(stamp <= now[user])
+    order = keep[np.lexsort((sentinel[keep], stamp[keep], user[keep]))]
+    user, item, category, stamp = user[order], item[order], category[order], stamp[order]
+    columns = event_columns(user, category, stamp, session)
+    targets = np.flatnonzero(sentinel[order])  # one per history, in history order
+    positions = {key: columns[column][targets] for key, column in TARGET_POSITIONS.items()}
+    positions["offset"] = columns["offset"][targets]
+    positions["skip_pos"] = np.full(n, NO_SKIP, dtype=np.int64)
+    table = {"item": item, "day": columns["day"], "pos": columns["pos"]}
+    table["mode_category"] = columns["mode_category"]
+    lists = feature_lists(positions, table, max_long, max_short)
+    return OnlineFeatures(
+        lists=lists,
+        ref_time=positions["ref_time"].astype(np.int64),
+        history_end=positions["history_end"].astype(np.int64),
+    )
+
+
 def features_frame(
     histories: Sequence[History],
     nows: Sequence[int],
@@ -183,44 +335,10 @@ def features_frame(
     max_long: int,
     max_short: int,
 ) -> pl.DataFrame:
-    """Features of each user's next event at their `now`, one row per history, in order.
-
-    Events after `now` are ignored. A sentinel event at `now` is appended to each history
-    (after every event with the same timestamp) and the offline per-target construction runs
-    on it, so the current session, long-term history and time features are exactly those
-    training computes. Batching many users into one call amortises Polars' per-query cost.
-    """
-    if len(histories) != len(nows):
-        raise ValueError("one `now` per history is needed")
-    lengths = np.array([len(h.items) + 1 for h in histories], dtype=np.int64)
-    sentinel = np.zeros(int(lengths.sum()), dtype=bool)
-    sentinel[np.cumsum(lengths) - 1] = True
-
-    def column(values: list[Sequence[int]], last: Sequence[int], dtype: type) -> np.ndarray:
-        out = np.empty(len(sentinel), dtype=dtype)
-        out[~sentinel] = np.concatenate([np.asarray(v, dtype=dtype) for v in values] or [[]])
-        out[sentinel] = np.asarray(last, dtype=dtype)
-        return out
-
-    n = len(histories)
-    events = pl.LazyFrame(
-        {
-            "user": np.repeat(np.arange(1, n + 1, dtype=np.int32), lengths),
-            "item": column([h.items for h in histories], [0] * n, np.int32),
-            "category": column([h.categories for h in histories], [0] * n, np.int32),
-            "timestamp": column([h.timestamps for h in histories], nows, np.int64),
-            "now": np.repeat(np.asarray(nows, dtype=np.int64), lengths),
-            "sentinel": sentinel,
-        }
-    )
-    events = events.filter(pl.col("timestamp") <= pl.col("now")).sort(
-        "user", "timestamp", "sentinel", maintain_order=True
-    )
-    table = event_table(events, session).collect()
-    examples = target_examples(table.lazy(), pl.col("sentinel")).collect()
-    return attach_features(examples, table, max_long=max_long, max_short=max_short).select(
-        "long_items", "long_tau", "short_items", "user_category", "ref_time", "history_end"
-    )
+    """`online_features` as a frame with the columns of an offline example."""
+    return online_features(
+        histories, nows, session=session, max_long=max_long, max_short=max_short
+    ).frame()
 
 
 def user_features(

@@ -106,7 +106,7 @@ def build_split_examples(
     tables: list[pl.DataFrame] = []
     parts: dict[str, list[pl.DataFrame]] = {name: [] for name in SPLITS}
     for block in user_blocks(events):
-        table = event_table(block.lazy(), config.session).collect()
+        table = event_table(block, config.session)
         for name, examples in build_examples(table, config).items():
             parts[name].append(examples)
         tables.append(table.select(*EVENT_COLUMNS))

@@ -1,8 +1,10 @@
 """Sessions and per-event history columns: the one implementation used offline and online.
 
-`event_table` turns events sorted by (user, timestamp, input order) into the table every example
-construction reads from. Serving calls the same function on one user's events (see
-`pipelines.features.user_features`), so offline and online sessions cannot drift apart.
+`event_columns` turns event arrays sorted by (user, timestamp, input order) into the columns
+every example construction reads from, with array operations only. Offline, `event_table`
+runs it on blocks of up to a million events; serving runs it on the few events of a batch of
+requests (see `pipelines.features.online_features`), so offline and online sessions cannot
+drift apart, and a request pays no dataframe-engine overhead.
 """
 
 from __future__ import annotations
@@ -12,37 +14,30 @@ import polars as pl
 
 from pipelines.config import SECONDS_PER_DAY, SessionRule
 
-
-def new_session(rule: SessionRule, first_of_user: pl.Expr | None = None) -> pl.Expr:
-    """True where an event opens a new session of its user (events sorted by user, time).
-
-    `first_of_user` marks each user's first event; by default it is derived from `user`.
-    """
-    ts = pl.col("timestamp")
-    if first_of_user is None:
-        first_of_user = pl.col("user") != pl.col("user").shift(1)
-    if rule.kind == "day":
-        day = ts // SECONDS_PER_DAY
-        boundary = day != day.shift(1)
-    else:
-        boundary = (ts - ts.shift(1)) > rule.gap_seconds
-    return (boundary | first_of_user).fill_null(True)
+# The columns `event_columns` adds, with the dtypes every consumer (events.parquet) expects.
+EVENT_TABLE_DTYPES: dict[str, type[pl.DataType]] = {
+    "gidx": pl.Int64,
+    "offset": pl.Int64,
+    "pos": pl.Int32,
+    "day": pl.Int64,
+    "mode_category": pl.Int32,
+    "session": pl.Int32,
+    "session_start": pl.Int32,
+    "session_time": pl.Int64,
+}
 
 
-def _per_user_running_max(value: pl.Expr, user: pl.Expr) -> pl.Expr:
-    """Running maximum of a value in [0, 2**31) that restarts at each user (rows sorted by
-    user): one global cum_max of `user * 2**31 + value`, each user's block above all earlier
-    ones."""
-    shift = user.cast(pl.Int64) * (1 << 31)
-    return ((shift + value.cast(pl.Int64)).cum_max() - shift).cast(pl.Int32)
+def _forward_fill_index(flags: np.ndarray) -> np.ndarray:
+    """For each row, the index of the last row at or before it where `flags` holds (row 0
+    must hold)."""
+    return np.maximum.accumulate(np.where(flags, np.arange(flags.size, dtype=np.int64), 0))
 
 
-def _running_count(keys: pl.Series, **_: object) -> pl.Series:  # polars may pass kwargs
+def running_count(keys: np.ndarray) -> np.ndarray:
     """1, 2, 3, ... over the rows of each key, in row order: one stable sort by key and a
     scatter back (cheaper than hashing every row into a window group)."""
-    values = keys.to_numpy()
-    order = np.argsort(values, kind="stable")
-    sorted_keys = values[order]
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
     n = len(order)
     starts = np.ones(n, dtype=bool)
     np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=starts[1:])
@@ -50,60 +45,81 @@ def _running_count(keys: pl.Series, **_: object) -> pl.Series:  # polars may pas
     group_start = np.maximum.accumulate(np.where(starts, rank, 0))
     counts = np.empty(n, dtype=np.int32)
     counts[order] = rank - group_start + 1
-    return pl.Series(keys.name, counts)
+    return counts
 
 
-def event_table(events: pl.LazyFrame, rule: SessionRule) -> pl.LazyFrame:
-    """Add the columns the example builders need to events sorted by user, time, input order.
+def new_session(rule: SessionRule, timestamp: np.ndarray, first_of_user: np.ndarray) -> np.ndarray:
+    """True where an event opens a new session of its user (events sorted by user, time)."""
+    boundary = np.ones(timestamp.size, dtype=bool)
+    if rule.kind == "day":
+        day = timestamp // SECONDS_PER_DAY
+        np.not_equal(day[1:], day[:-1], out=boundary[1:])
+    else:
+        np.greater(timestamp[1:] - timestamp[:-1], rule.gap_seconds, out=boundary[1:])
+    return boundary | first_of_user
 
-    Input columns: user, item, category (int32), timestamp (int64 seconds).
-    Added: gidx (global row number), pos (position within the user), session (0-based within
-    the user), session_start (pos of the session's first event), session_time (its timestamp),
-    day (UTC day number), offset (gidx of the user's first event) and mode_category (the most
-    frequent category among the user's events so far: a category takes over only when its
-    running count exceeds the best count so far, so ties go to the one that got there first).
 
-    The rows are sorted by user, so per-user quantities come from flags at user and session
-    starts, global cumulative sums and forward fills, and the running count per (user,
-    category) from one stable sort: no per-group hashing.
+def event_columns(
+    user: np.ndarray, category: np.ndarray, timestamp: np.ndarray, rule: SessionRule
+) -> dict[str, np.ndarray]:
+    """The per-event columns of events sorted by user, time and input order.
+
+    gidx (row number), offset (gidx of the user's first event), pos (position within the
+    user), day (UTC day number), session (0-based within the user), session_start (pos of the
+    session's first event), session_time (its timestamp) and mode_category (the most frequent
+    category among the user's events so far: a category takes over only when its running
+    count exceeds the best count so far, so ties go to the one that got there first).
+
+    Rows are sorted by user, so per-user quantities come from flags at user and session
+    starts, cumulative sums and forward fills, and the running count per (user, category)
+    from one stable sort: no per-group hashing, no Python loop over users.
     """
-    gidx = pl.col("gidx")
-    first = pl.col("first_of_user")
-    new = pl.col("new_session")
-    count = pl.col("category_count")
-    best_before = (
-        _per_user_running_max(count, pl.col("user")).shift(1).fill_null(0).alias("best_before")
+    user = np.asarray(user, dtype=np.int64)
+    timestamp = np.asarray(timestamp, dtype=np.int64)
+    category = np.asarray(category, dtype=np.int64)
+    n = user.size
+    gidx = np.arange(n, dtype=np.int64)
+    first = np.ones(n, dtype=bool)
+    np.not_equal(user[1:], user[:-1], out=first[1:])
+    offset = _forward_fill_index(first)
+    pos = gidx - offset
+
+    count = running_count(user * (1 << 32) + category)
+    shift = user * (1 << 31)
+    best = np.maximum.accumulate(shift + count) - shift  # running max of count per user
+    best_before = np.zeros(n, dtype=np.int64)
+    best_before[1:] = best[:-1]
+    best_before[first] = 0
+    mode_category = category[_forward_fill_index(count > best_before)]
+
+    new = new_session(rule, timestamp, first)
+    global_session = np.cumsum(new, dtype=np.int64)
+    start = _forward_fill_index(new)
+    return {
+        "gidx": gidx,
+        "offset": offset,
+        "pos": pos.astype(np.int32),
+        "day": timestamp // SECONDS_PER_DAY,
+        "mode_category": mode_category.astype(np.int32),
+        "session": (global_session - global_session[offset]).astype(np.int32),
+        "session_start": pos[start].astype(np.int32),
+        "session_time": timestamp[start],
+    }
+
+
+def event_table(events: pl.DataFrame, rule: SessionRule) -> pl.DataFrame:
+    """`events` (user, item, category int32, timestamp int64 seconds; sorted by user, time,
+    input order) with the columns of `event_columns` added."""
+    if events.height == 0:
+        return events.with_columns(
+            pl.Series(name, [], dtype=dtype) for name, dtype in EVENT_TABLE_DTYPES.items()
+        )
+    columns = event_columns(
+        events["user"].to_numpy(),
+        events["category"].to_numpy(),
+        events["timestamp"].to_numpy(),
+        rule,
     )
-    return (
-        events.with_columns(
-            pl.int_range(pl.len(), dtype=pl.Int64).alias("gidx"),
-            (pl.col("user") != pl.col("user").shift(1)).fill_null(True).alias("first_of_user"),
-            (pl.col("user").cast(pl.Int64) * (1 << 32) + pl.col("category"))
-            .map_batches(_running_count, return_dtype=pl.Int32)
-            .alias("category_count"),
-        )
-        .with_columns(
-            pl.when(first).then(gidx).forward_fill().alias("offset"),
-            new_session(rule, first).alias("new_session"),
-            pl.when(first).then(pl.lit(0)).otherwise(best_before).alias("best_before"),
-        )
-        .with_columns(
-            (gidx - pl.col("offset")).cast(pl.Int32).alias("pos"),
-            new.cast(pl.Int32).cum_sum().alias("global_session"),
-            (pl.col("timestamp") // SECONDS_PER_DAY).alias("day"),
-            pl.when(count > pl.col("best_before"))
-            .then(pl.col("category"))
-            .forward_fill()
-            .cast(pl.Int32)
-            .alias("mode_category"),
-        )
-        .with_columns(
-            (
-                pl.col("global_session")
-                - pl.when(first).then(pl.col("global_session")).forward_fill()
-            ).alias("session"),
-            pl.when(new).then(pl.col("pos")).forward_fill().alias("session_start"),
-            pl.when(new).then(pl.col("timestamp")).forward_fill().alias("session_time"),
-        )
-        .drop("first_of_user", "new_session", "category_count", "best_before", "global_session")
+    return events.with_columns(
+        pl.Series(name, columns[name], dtype=dtype) for name, dtype in EVENT_TABLE_DTYPES.items()
     )

@@ -1,9 +1,9 @@
 """The model step of serving: feature rows -> user vectors `[u_t ; 1]` (and attention).
 
-Feature rows come from `pipelines.features.features_frame`, i.e. the columns of an offline
-example, so they go through the very batching code training and evaluation use
-(`tlsan.data.arrays_from_frame`). User index 0 asks the model for neutral personal
-parameters (an unknown user).
+Feature rows come from `pipelines.features.online_features`, the arrays of an offline
+example, and go through the very padding code training and evaluation use
+(`tlsan.data.padded_arrays`), with no dataframe in between. User index 0 asks the model for
+neutral personal parameters (an unknown user).
 
 Explanations (TLSAN only) read the attention the model actually computed: forward hooks on
 its two feature-wise attention modules capture their inputs, and the softmax weights are
@@ -16,13 +16,13 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import polars as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipelines.features import OnlineFeatures
 from tlsan.bundle import Bundle
-from tlsan.data import arrays_from_frame
+from tlsan.data import padded_arrays
 from tlsan.model import NEG_INF, FeatureWiseAttention
 
 
@@ -45,11 +45,20 @@ class ModelStep:
 
     @torch.inference_mode()
     def user_vectors(
-        self, frame: pl.DataFrame, users: np.ndarray, *, explain: np.ndarray | None = None
+        self, features: OnlineFeatures, users: np.ndarray, *, explain: np.ndarray | None = None
     ) -> tuple[np.ndarray, list[dict[str, Any] | None]]:
         """(B, D + 1) float32 query vectors; per row, the attention when `explain[b]`."""
-        frame = frame.with_columns(pl.Series("user", users.astype(np.int32)))
-        batch = arrays_from_frame(frame).batch()
+        lists = features.lists
+        batch = padded_arrays(
+            rows=len(features),
+            user=users,
+            long_items=lists.long_items,
+            long_tau=lists.long_tau,
+            long_lengths=np.diff(lists.long_offsets),
+            short_items=lists.short_items,
+            short_lengths=np.diff(lists.short_offsets),
+            user_category=lists.user_category,
+        ).batch()
         wanted = explain is not None and bool(explain.any()) and self.explainable
         captured: dict[str, tuple[Tensor, Tensor]] = {}
         hooks = []

@@ -1,6 +1,6 @@
 """The recommendation logic, free of HTTP: one `Recommender` per worker process.
 
-A batch of queries costs one feature-store read, one `features_frame` call (the pipeline's
+A batch of queries costs one feature-store read, one `online_features` call (the pipeline's
 own feature code, so online inputs equal offline ones), one model forward and one FAISS
 search, whatever its size; the service groups concurrent requests to use that.
 
@@ -26,7 +26,7 @@ import numpy as np
 
 from feature_store import Event, OnlineStore
 from pipelines.config import SessionRule
-from pipelines.features import History, features_frame
+from pipelines.features import History, UserFeatures, online_features
 from serving.errors import RequestError
 from serving.model_step import ModelStep
 from serving.retrieval import Retriever, load_index
@@ -284,7 +284,7 @@ class Recommender:
 
     def _personal(self, batch: list[_Prepared]) -> list[Recommendation]:
         """The model path for a batch: features, one forward, one FAISS search."""
-        frame = features_frame(
+        features = online_features(
             [History(p.items, p.categories, p.timestamps) for p in batch],
             [p.now for p in batch],
             session=self.session,
@@ -293,19 +293,18 @@ class Recommender:
         )
         users = np.array([self.user_index.get(p.query.user_id, 0) for p in batch], np.int64)
         explain = np.array([p.query.explain for p in batch], dtype=bool)
-        vectors, attention = self.model.user_vectors(frame, users, explain=explain)
+        vectors, attention = self.model.user_vectors(features, users, explain=explain)
         k = max(p.query.k for p in batch)
         exclude = [set(p.items) if p.query.exclude_seen else None for p in batch]
         allowed = [p.allowed for p in batch]
         top, scores = self.retriever.search(vectors, k, exclude=exclude, allowed_categories=allowed)
         out = []
-        rows = frame.to_dicts() if explain.any() else None
         for b, p in enumerate(batch):
             keep = top[b, : p.query.k]
             valid = keep > 0
             explanation = None
-            if p.query.explain and rows is not None:
-                explanation = self._explanation(rows[b], p, attention[b])
+            if p.query.explain:
+                explanation = self._explanation(features.row(b), p, attention[b])
             out.append(
                 Recommendation(
                     user_id=p.query.user_id,
@@ -326,7 +325,7 @@ class Recommender:
         ]
 
     def _explanation(
-        self, row: dict[str, Any], p: _Prepared, attention: dict[str, Any] | None
+        self, row: UserFeatures, p: _Prepared, attention: dict[str, Any] | None
     ) -> dict[str, Any]:
         """Attention over the events behind a model answer, with the events' raw ids.
 
@@ -335,13 +334,13 @@ class Recommender:
         if attention is None:
             return {
                 **self._popularity_explanation(p),
-                "user_category": self.category_names[int(row["user_category"])] or None,
-                "reference_time": int(row["ref_time"]),
+                "user_category": self.category_names[int(row.user_category)] or None,
+                "reference_time": int(row.ref_time),
             }
-        long_items = row["long_items"][-len(attention["long"]) :] if attention["long"] else []
-        long_tau = row["long_tau"][-len(attention["long"]) :] if attention["long"] else []
+        long_items = row.long_items[-len(attention["long"]) :] if attention["long"] else []
+        long_tau = row.long_tau[-len(attention["long"]) :] if attention["long"] else []
         # timestamps of the long-term events: the history ends at history_end.
-        end = int(row["history_end"])
+        end = int(row.history_end)
         stamps = p.timestamps[max(0, end - len(long_items)) : end]
         return {
             "long_term": [
@@ -362,11 +361,11 @@ class Recommender:
                     "category": self.category_names[self.item_category[i]],
                     "weight": float(w),
                 }
-                for i, w in zip(row["short_items"], attention["short"], strict=True)
+                for i, w in zip(row.short_items, attention["short"], strict=True)
             ],
             "long_term_summary_weight": float(attention["summary"]),
-            "user_category": self.category_names[int(row["user_category"])] or None,
-            "reference_time": int(row["ref_time"]),
+            "user_category": self.category_names[int(row.user_category)] or None,
+            "reference_time": int(row.ref_time),
         }
 
     def _popularity_explanation(self, p: _Prepared) -> dict[str, Any]:

@@ -165,33 +165,74 @@ def arrays_from_frame(
     `target`, `history_end` and `ref_time` may be missing (serving features): they become 0.
     Widths default to the longest list in the frame.
     """
-    n = frame.height
     long_values, long_len = _list_column(frame, "long_items", np.int64)
     tau_values, tau_len = _list_column(frame, "long_tau", np.float32)
     if not np.array_equal(long_len, tau_len):
         raise DataValidationError("long_tau: expected one value per long_items entry")
     short_values, short_len = _list_column(frame, "short_items", np.int64)
-    width_long = max_long or int(long_len.max(initial=0))
-    width_short = max_short or int(short_len.max(initial=0))
-    if long_len.max(initial=0) > width_long or short_len.max(initial=0) > width_short:
-        raise DataValidationError(
-            f"examples: history longer than the padded width ({width_long}/{width_short})"
-        )
 
-    def scalar(name: str) -> Tensor:
+    def scalar(name: str) -> np.ndarray | None:
         if name not in frame.columns:
-            return torch.zeros(n, dtype=torch.int64)
-        return torch.from_numpy(frame.get_column(name).fill_null(0).to_numpy().astype(np.int64))
+            return None
+        return frame.get_column(name).fill_null(0).to_numpy()
 
-    return ExampleArrays(
+    return padded_arrays(
         user=scalar("user"),
-        long_items=torch.from_numpy(_padded(long_values, long_len, width_long, np.int64)),
-        long_tau=torch.from_numpy(_padded(tau_values, tau_len, width_long, np.float32)),
-        short_items=torch.from_numpy(_padded(short_values, short_len, width_short, np.int64)),
+        long_items=long_values,
+        long_tau=tau_values,
+        long_lengths=long_len,
+        short_items=short_values,
+        short_lengths=short_len,
         user_category=scalar("user_category"),
         target=scalar("target"),
         history_end=scalar("history_end"),
         ref_time=scalar("ref_time"),
+        max_long=max_long,
+        max_short=max_short,
+        rows=frame.height,
+    )
+
+
+def padded_arrays(
+    *,
+    rows: int,
+    long_items: np.ndarray,
+    long_tau: np.ndarray,
+    long_lengths: np.ndarray,
+    short_items: np.ndarray,
+    short_lengths: np.ndarray,
+    user: np.ndarray | None = None,
+    user_category: np.ndarray | None = None,
+    target: np.ndarray | None = None,
+    history_end: np.ndarray | None = None,
+    ref_time: np.ndarray | None = None,
+    max_long: int | None = None,
+    max_short: int | None = None,
+) -> ExampleArrays:
+    """Padded tensors from flat list values and per-row lengths: the one padding step of
+    training, evaluation and serving (which hands its feature arrays over without a frame).
+    Missing scalar columns become 0; widths default to the longest list."""
+    width_long = max_long or int(long_lengths.max(initial=0))
+    width_short = max_short or int(short_lengths.max(initial=0))
+    if long_lengths.max(initial=0) > width_long or short_lengths.max(initial=0) > width_short:
+        raise DataValidationError(
+            f"examples: history longer than the padded width ({width_long}/{width_short})"
+        )
+
+    def scalar(values: np.ndarray | None) -> Tensor:
+        if values is None:
+            return torch.zeros(rows, dtype=torch.int64)
+        return torch.from_numpy(np.asarray(values).astype(np.int64))
+
+    return ExampleArrays(
+        user=scalar(user),
+        long_items=torch.from_numpy(_padded(long_items, long_lengths, width_long, np.int64)),
+        long_tau=torch.from_numpy(_padded(long_tau, long_lengths, width_long, np.float32)),
+        short_items=torch.from_numpy(_padded(short_items, short_lengths, width_short, np.int64)),
+        user_category=scalar(user_category),
+        target=scalar(target),
+        history_end=scalar(history_end),
+        ref_time=scalar(ref_time),
     )
 
 
