@@ -1,7 +1,7 @@
 """Adaptive micro-batching: concurrent calls share one batched computation.
 
-The recommender's cost is dominated by per-call overhead (one Polars query, one model
-forward, one FAISS search), not by the batch size, so the service groups requests. The
+The recommender's cost is dominated by per-call overhead (one feature computation, one
+model forward, one FAISS search), not by the batch size, so the service groups requests. The
 batch adapts to the load without a fixed window: while one batch computes (in a worker
 thread, so the event loop keeps accepting requests), new calls queue up, and they all form
 the next batch. At low load a call runs at once (no added latency); under load the batches
@@ -46,7 +46,11 @@ class BatchStats:
 class MicroBatcher(Generic[T, R]):
     """Run `fn(list[T]) -> list[R | Exception]` on groups of concurrently submitted items.
 
-    `fn` runs in one dedicated thread, so batches never overlap. An exception instance in the
+    Groups of more than `inline_max` items run in one dedicated thread, so the event loop
+    keeps reading requests meanwhile and batches never overlap; smaller ones (by default a
+    lone call, the low-load case) run directly in the event loop, which saves two thread
+    hand-offs of latency: with the GIL held by the model's Python work, the thread would
+    not let the loop do much in the meantime anyway. An exception instance in the
     result list fails only that item's call; an exception raised by `fn` fails the batch.
     """
 
@@ -57,14 +61,18 @@ class MicroBatcher(Generic[T, R]):
         max_batch_size: int = 64,
         max_wait_ms: float = 0.0,
         name: str = "batcher",
+        inline_max: int = 1,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size: expected an integer >= 1, got {max_batch_size}")
+        if inline_max < 0:
+            raise ValueError(f"inline_max: expected >= 0, got {inline_max}")
         if max_wait_ms < 0:
             raise ValueError(f"max_wait_ms: expected >= 0, got {max_wait_ms}")
         self.fn = fn
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
+        self.inline_max = inline_max
         self.stats = BatchStats()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._queue: list[tuple[T, asyncio.Future[R]]] = []
@@ -104,7 +112,10 @@ class MicroBatcher(Generic[T, R]):
         self.stats.record(len(batch))
         items = [item for item, _ in batch]
         try:
-            results = await self._loop.run_in_executor(self._executor, self.fn, items)
+            if len(items) <= self.inline_max:
+                results = self.fn(items)
+            else:
+                results = await self._loop.run_in_executor(self._executor, self.fn, items)
             if len(results) != len(batch):
                 raise RuntimeError(
                     f"batch function returned {len(results)} results for {len(batch)}"

@@ -17,6 +17,7 @@ Per query (DESIGN.md, "Serving contract"):
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -103,8 +104,9 @@ class Recommender:
         threads: int | None = None,
         max_candidates: int | None = None,
     ) -> None:
-        if threads is not None:
-            _limit_threads(threads)
+        self.threads = threads
+        self._limited = threading.local()
+        self._limit_threads()
         self.bundle = bundle
         self.store = store
         self.clock = clock
@@ -148,6 +150,7 @@ class Recommender:
 
     def recommend_batch(self, queries: Sequence[Query]) -> list[Recommendation | RequestError]:
         """Answers in query order; a query the bundle cannot serve gets its `RequestError`."""
+        self._limit_threads()
         results: list[Recommendation | RequestError | None] = [None] * len(queries)
         users = sorted({q.user_id for q in queries})
         stored = self.store.recent_many(users) if users else {}
@@ -185,6 +188,7 @@ class Recommender:
 
     def similar_items(self, item_id: str, k: int) -> dict[str, Any]:
         """Nearest items by cosine of the item vectors `x_i` (bias left out)."""
+        self._limit_threads()
         index = self.item_index.get(item_id)
         if index is None:
             raise RequestError("item_id", f"unknown item {item_id!r}", status=404)
@@ -220,6 +224,19 @@ class Recommender:
         }
 
     # -------------------------------------------------------------- helpers
+    def _limit_threads(self) -> None:
+        """Apply the thread cap in the calling thread, once per thread.
+
+        OpenMP's thread count is per thread: a cap set in the main thread does not reach the
+        service's batch thread, where FAISS would then start one OpenMP thread per core whose
+        spin-waiting takes a core from the event loop (measured: /recommend at one request
+        at a time spent ~2 ms more per request without the cap in the batch thread).
+        """
+        if self.threads is None or getattr(self._limited, "done", False):
+            return
+        _limit_threads(self.threads)
+        self._limited.done = True
+
     def _prepare(self, query: Query, stored: list[Event], clock_now: int) -> _Prepared:
         now = clock_now if query.now is None else int(query.now)
         allowed = None
@@ -379,7 +396,7 @@ class Recommender:
 
 
 def _limit_threads(threads: int) -> None:
-    """One worker per core: keep torch, FAISS and Polars from oversubscribing the CPU."""
+    """One worker per core: keep torch and FAISS (in this thread) from oversubscribing."""
     import faiss
     import torch
 

@@ -4,6 +4,7 @@ the micro-batcher the service groups requests with."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -444,3 +445,28 @@ def test_a_lone_call_runs_at_once_and_a_failing_batch_fails_its_callers() -> Non
     assert error == "model crashed"
     with pytest.raises(ValueError, match="max_batch_size"):
         MicroBatcher(boom, max_batch_size=0)
+
+
+def test_a_lone_call_runs_in_the_event_loop_and_a_batch_in_the_batch_thread() -> None:
+    """A single queued call skips the thread hand-off (its latency is the compute alone);
+    a group runs in the batch thread so the loop keeps accepting requests meanwhile."""
+    threads: list[tuple[int, str]] = []
+
+    def record(batch: list[int]) -> list[int]:
+        threads.append((len(batch), threading.current_thread().name))
+        return batch
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(record, max_batch_size=8, name="grouped")
+
+    async def run() -> None:
+        assert await batcher.submit(1) == 1
+        assert await asyncio.gather(*(batcher.submit(x) for x in range(5))) == list(range(5))
+
+    try:
+        asyncio.run(run())
+    finally:
+        batcher.close()
+    assert threads[0] == (1, threading.main_thread().name)
+    assert threads[1][0] == 5 and threads[1][1].startswith("grouped")
+    with pytest.raises(ValueError, match="inline_max"):
+        MicroBatcher(record, inline_max=-1)
