@@ -15,6 +15,11 @@ bench-<pruner> ... --retrain` (same flags) trains the best config and reports te
 
     python benchmarks/tune.py --data DIR                     # 30 trials, default space
     python benchmarks/tune.py --data DIR --trials 12 --epochs 8 --concurrent
+    python benchmarks/tune.py --data DIR --out OUT --replay-only   # pruners on OUT's sweep
+
+The report also replays the unpruned sweep's recorded curves through every pruner
+(`replay`): the same trials for each, so the pruner's own cost is seen apart from the
+sampler's diverging path.
 """
 
 from __future__ import annotations
@@ -80,6 +85,67 @@ def study_stats(journal: Path, name: str) -> dict[str, Any]:
     }
 
 
+def replay_pruners(journal: Path, name: str, kinds: list[str]) -> dict[str, Any]:
+    """Replay the unpruned sweep's completed trials, in trial order, through each pruner.
+
+    Every trial reports its recorded per-epoch curve to a fresh in-memory study with the
+    pruner; where the pruner stops it, the rest of its curve is not counted. The trials
+    (and so the sampled configurations) are the same for every pruner, which separates
+    what the pruner decides from the path the sampler would have taken after a pruning:
+    the live pruned sweep mixes both. Costs no training.
+    """
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+    from optuna.trial import TrialState
+
+    from tlsan.tuning.study import IDENTITY_PREFIX, make_pruner
+
+    source = optuna.load_study(
+        study_name=name, storage=JournalStorage(JournalFileBackend(str(journal)))
+    )
+    trials = sorted(
+        (t for t in source.trials if t.state == TrialState.COMPLETE), key=lambda t: t.number
+    )
+    if not trials:
+        raise SystemExit(f"{journal}: no completed trials to replay")
+    max_epochs = source.user_attrs.get(IDENTITY_PREFIX + "epochs")
+    total = sum(len(t.intermediate_values) for t in trials)
+    best = max(t.value for t in trials if t.value is not None)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    out: dict[str, Any] = {"trials": len(trials), "epochs_unpruned": total, "best": best}
+    for kind in kinds:
+        study = optuna.create_study(direction="maximize", pruner=make_pruner(kind, max_epochs))
+        epochs, kept, pruned = 0, [], []
+        for recorded in trials:
+            trial = study.ask()
+            stopped = False
+            for step in sorted(recorded.intermediate_values):
+                trial.report(recorded.intermediate_values[step], step)
+                epochs += 1
+                if trial.should_prune():
+                    stopped = True
+                    break
+            if stopped:
+                study.tell(trial, state=TrialState.PRUNED)
+                pruned.append(recorded.number)
+            else:
+                study.tell(trial, recorded.value)
+                kept.append((recorded.value, recorded.number))
+        kept_best, kept_trial = max(kept)
+        saved = 1.0 - epochs / total
+        gap = (best - kept_best) / best
+        out[kind] = {
+            "epochs_trained": epochs,
+            "epochs_saved_ratio": saved,
+            "best_value": kept_best,
+            "best_trial": kept_trial,
+            "best_value_relative_gap": gap,
+            "pruned_trials": pruned,
+            "targets_met": saved >= TARGET_SAVED and gap <= TARGET_GAP,
+        }
+    return out
+
+
 def default_preset_valid(data: Path, metric: str, seed: int) -> dict[str, Any]:
     """Validation score of the `default` preset (never reads the test split)."""
     from tlsan.config import preset
@@ -139,7 +205,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="journals and trial dirs (default: a temp dir)")
     parser.add_argument("--trials", type=int, default=30)
     parser.add_argument("--epochs", type=int, help="epoch cap per trial (default: the preset's)")
-    parser.add_argument("--pruner", choices=["median", "hyperband"], default="median")
+    parser.add_argument(
+        "--pruner", choices=["percentile", "median", "hyperband"], default="percentile"
+    )
     parser.add_argument("--metric", default="ndcg@10")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--space", type=Path, help="search space (default: the shipped one)")
@@ -150,12 +218,22 @@ def main() -> None:
     parser.add_argument(
         "--skip-default", action="store_true", help="do not train the default preset"
     )
+    parser.add_argument(
+        "--replay-only",
+        action="store_true",
+        help="only replay --out's finished unpruned sweep through every pruner (no training)",
+    )
     args = parser.parse_args()
     args.data = args.data.resolve()
     args.out = (args.out or Path(tempfile.mkdtemp(prefix="tlsan-bench-tune-"))).resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     args.space = args.space.resolve() if args.space else None
 
+    kinds = ["percentile", "median", "hyperband"]
+    if args.replay_only:
+        report = replay_pruners(args.out / "none.log", "bench-none", kinds)
+        print(json.dumps({"out": str(args.out), "replay": report}, indent=2, default=str))
+        return
     walls = run_sweeps(args)
     unpruned = {
         "pruner": "none",
@@ -191,6 +269,7 @@ def main() -> None:
             f"best_within_{TARGET_GAP:.0%}": gap is not None and gap <= TARGET_GAP,
         },
     }
+    report["replay"] = replay_pruners(args.out / "none.log", "bench-none", kinds)
     if not args.skip_default:
         default = default_preset_valid(args.data, args.metric, args.seed)
         report["default_preset"] = default

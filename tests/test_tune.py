@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 from tlsan.cli import main
 from tlsan.config import TrainConfig, load_config_file, preset
 from tlsan.errors import ConfigError
-from tlsan.tuning.pruning import BestSoFarMedianPruner
+from tlsan.tuning.pruning import BestSoFarMedianPruner, BestSoFarPercentilePruner
 from tlsan.tuning.space import DEFAULT_SPACE, load_space, space_from_dict
 from tlsan.tuning.storage import check_url, journal_path, open_storage
 from tlsan.tuning.study import make_pruner, make_sampler, open_study, warmup_epochs
@@ -572,3 +572,39 @@ def test_median_pruner_waits_a_tenth_of_the_epoch_budget() -> None:
         study.add_trial(completed_trial([0.1] * 6))
     assert running_trial_prunes(study, [0.01] * 6) == [False] * 3 + [True] * 3  # warm-up 4
     assert warmup_epochs(None) == 4 and warmup_epochs(10) == 3 and warmup_epochs(100) == 10
+
+
+def test_percentile_pruner_stops_only_the_bottom_quarter() -> None:
+    """Bests of five completed trials by epoch 2: 0.04, 0.06, 0.07, 0.08, 0.10 (25th
+    percentile 0.06, median 0.07). A trial at 0.065 survives the default percentile pruner but
+    not the median one; a trial at 0.05 is pruned by both."""
+    bests = [0.04, 0.06, 0.07, 0.08, 0.10]
+
+    def study_with(pruner: optuna.pruners.BasePruner) -> optuna.Study:
+        study = optuna.create_study(direction="maximize", pruner=pruner)
+        for best in bests:
+            study.add_trial(completed_trial([best / 2, best]))
+        return study
+
+    quarter = make_pruner("percentile", 10)  # warm-up 3 epochs
+    assert isinstance(quarter, BestSoFarPercentilePruner)
+    middling = [0.03, 0.05, 0.065, 0.065]
+    poor = [0.03, 0.04, 0.05, 0.05]
+    assert running_trial_prunes(study_with(quarter), middling) == [False] * 4
+    assert running_trial_prunes(study_with(quarter), poor) == [False, False, True, True]
+    median = make_pruner("median", 10)
+    assert running_trial_prunes(study_with(median), middling) == [False, False, True, True]
+    minimize = optuna.create_study(
+        direction="minimize", pruner=BestSoFarPercentilePruner(25.0, 1, 1)
+    )
+    for worst in (0.4, 0.5, 0.6, 0.7):  # minimising: the top quarter (above 0.625) is pruned
+        minimize.add_trial(optuna.trial.create_trial(value=worst, intermediate_values={1: worst}))
+    assert running_trial_prunes(minimize, [0.6]) == [False]
+    assert running_trial_prunes(minimize, [0.65]) == [True]
+
+
+def test_percentile_pruner_rejects_a_percentile_outside_0_100() -> None:
+    with pytest.raises(ValueError, match="percentile"):
+        BestSoFarPercentilePruner(0.0)
+    with pytest.raises(ValueError, match="percentile"):
+        BestSoFarPercentilePruner(101.0)

@@ -45,7 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metric", default="ndcg@10", help="validation metric to maximise")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="start no trial after this")
     p.add_argument("--jobs", type=int, default=1, metavar="J", help="worker processes (default 1)")
-    p.add_argument("--pruner", choices=["median", "hyperband", "none"], default="median")
+    p.add_argument(
+        "--pruner", choices=["percentile", "median", "hyperband", "none"], default="percentile"
+    )
     p.add_argument("--seed", type=int, default=0, help="seeds the sampler and every training")
     p.add_argument("--retrain", action="store_true", help="train the best config, report test")
     p.add_argument(
@@ -113,7 +115,7 @@ def resume_command(settings: Any) -> str:
         ("--preset", settings.preset, "default"),
         ("--config", settings.config, None),
         ("--out", settings.out, None),
-        ("--pruner", settings.pruner, "median"),
+        ("--pruner", settings.pruner, "percentile"),
         ("--seed", settings.seed, 0),
         ("--jobs", settings.jobs, 1),
     ):

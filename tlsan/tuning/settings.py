@@ -44,7 +44,7 @@ class TuneSettings:
     metric: str = "ndcg@10"
     timeout: float | None = None
     jobs: int = 1
-    pruner: str = "median"
+    pruner: str = "percentile"
     seed: int = 0
     retrain: bool = False
     out: Path | None = None
