@@ -41,6 +41,9 @@ class ModelStep:
     def __init__(self, bundle: Bundle) -> None:
         self.model: nn.Module = bundle.load_model()
         self.model.eval()
+        freeze = getattr(self.model, "freeze_neutral", None)
+        if freeze is not None:  # models with personal parameters: neutral rows computed once
+            freeze()
         self.explainable = isinstance(getattr(self.model, "fwa_long", None), FeatureWiseAttention)
 
     @torch.inference_mode()

@@ -136,6 +136,18 @@ def test_personal_parameters_roundtrip_and_neutral_user() -> None:
         model.set_personal(torch.tensor([6]), neutral)
         neutral_row = model.score_all(replace(batch, user=torch.full((5,), 6)))
     torch.testing.assert_close(unknown, neutral_row)
+    # serving freezes the neutral rows: later changes of the user tables do not move them
+    zeros = replace(batch, user=torch.zeros(5, dtype=torch.int64))
+    three = torch.tensor([3])
+    model.freeze_neutral()
+    with torch.no_grad():
+        frozen = model.score_all(zeros)
+        model.set_personal(three, {k: v + 5.0 for k, v in model.get_personal(three).items()})
+        still = model.score_all(zeros)
+        model.__dict__.pop("_frozen_neutral")
+        moved = model.score_all(zeros)
+    torch.testing.assert_close(still, frozen)
+    assert not torch.allclose(moved, frozen)
 
 
 def test_build_model_kinds_and_sizes() -> None:

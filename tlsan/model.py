@@ -218,9 +218,27 @@ class TLSAN(VectorModel):
         e_u, p = self.E_u(user), self.P[user]  # (B, d_item), (B, Ls)
         if not torch.is_grad_enabled() and bool((user == 0).any()):
             unknown = (user == 0).unsqueeze(1)
-            e_u = torch.where(unknown, self.E_u.weight[1:].mean(0), e_u)
-            p = torch.where(unknown, self.P[1:].mean(0), p)
+            mean_e_u, mean_p = self._neutral_rows()
+            e_u = torch.where(unknown, mean_e_u, e_u)
+            p = torch.where(unknown, mean_p, p)
         return e_u, p
+
+    def _neutral_rows(self) -> tuple[Tensor, Tensor]:
+        """Mean E_u and P rows over known users (see `freeze_neutral`)."""
+        frozen = self.__dict__.get("_frozen_neutral")
+        if frozen is not None:
+            return frozen
+        return self.E_u.weight[1:].mean(0), self.P[1:].mean(0)
+
+    @torch.no_grad()
+    def freeze_neutral(self) -> None:
+        """Compute the neutral rows once, for a model whose user tables no longer change
+        (serving): a batch with an unknown user then does not average the whole user table
+        again, which is O(users) per request."""
+        self.__dict__["_frozen_neutral"] = (
+            self.E_u.weight[1:].mean(0).clone(),
+            self.P[1:].mean(0).clone(),
+        )
 
     def user_state(self, batch: Batch) -> Tensor:
         Ls = self.config.long_window
