@@ -19,6 +19,7 @@ gets a 4xx JSON body that names the field: pydantic validation (400) for shapes 
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -123,6 +124,11 @@ class TlsanService:
             ) from exc
         self.store = open_store(os.environ.get(STORE_ENV) or DEFAULT_STORE_URL)
         self.recommender = Recommender(bundle, self.store, threads=_env_int(THREADS_ENV, 1))
+        # Everything loaded so far lives as long as the worker: move it out of the garbage
+        # collector's generations, so full collections under load do not walk the vocab
+        # dicts and index tables (a pause on every long-tail request otherwise).
+        gc.collect()
+        gc.freeze()
         self.batcher: MicroBatcher[Query, Any] = MicroBatcher(
             self.recommender.recommend_batch,
             max_batch_size=_env_int(MAX_BATCH_ENV, 64),
