@@ -269,6 +269,22 @@ def test_run_dir_holds_the_selected_global_model_and_the_devices_rows(fedavg: Si
 
 
 @pytest.mark.slow
+def test_patience_stops_after_rounds_without_improvement(tmp_path: Path, tiny_data: Path) -> None:
+    """The loop stops `patience` rounds after the best one (or at the last round) and the
+    kept global model is the best round's, not the last one's."""
+    sim = _simulate(tmp_path, tiny_data, rounds=6, patience=1, personal_epochs=1, mlflow=False)
+    federated = json.loads((sim.result.run_dir / "federated.json").read_text())
+    best, run = federated["best_round"], federated["rounds_run"]
+    assert run == min(6, best + 1)
+    assert max(r for r, _ in sim.wire.sent_arrays if r <= 6) == run  # no round after the stop
+    values = {r["round"]: r["valid"]["ndcg@10"] for r in federated["rounds"]}
+    assert values[best] == max(values.values())
+    chosen = sim.wire.sent_arrays[(7, "train.personalize")]
+    evaluated = sim.wire.sent_arrays[(best, "evaluate")]
+    assert all(np.array_equal(chosen[k], evaluated[k]) for k in chosen)
+
+
+@pytest.mark.slow
 def test_mlflow_has_one_metric_per_round(fedavg: Simulated, tracking_uri: str) -> None:
     from mlflow import MlflowClient
 

@@ -62,8 +62,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--patience",
         type=int,
-        default=0,
-        help="stop after this many rounds without federated validation improvement (0 = never)",
+        default=5,
+        help="stop after this many rounds without federated validation improvement (0 = never); "
+        "the global model of the best round is kept either way (5)",
     )
     p.add_argument(
         "--personal-lr-scale",
@@ -79,7 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="final per-client fine-tuning epochs (each device keeps its best by its own "
         "validation examples)",
     )
-    p.add_argument("--personal-lr", type=float, help="fine-tuning learning rate (default 10x --lr)")
+    p.add_argument("--personal-lr", type=float, help="fine-tuning learning rate (default: --lr)")
     p.add_argument(
         "--eval-fraction",
         type=float,
