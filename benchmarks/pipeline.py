@@ -252,7 +252,7 @@ def main() -> None:
                 median = runs[len(runs) // 2]
                 report["runs"].append(
                     {
-                        "impl": "tlsan-rec (polars)",
+                        "impl": "tlsan-rec (polars + numpy)",
                         "split": split,
                         "events": n,
                         "median_seconds": round(median["seconds"], 3),
