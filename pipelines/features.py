@@ -351,15 +351,15 @@ def user_features(
     max_long: int,
     max_short: int,
 ) -> UserFeatures:
-    """Features of one user's next event at time `now` (see `features_frame`)."""
-    frame = features_frame(
+    """Features of one user's next event at time `now` (see `online_features`)."""
+    features = online_features(
         [History(items, categories, timestamps)],
         [now],
         session=session,
         max_long=max_long,
         max_short=max_short,
     )
-    return to_user_features(frame)[0]
+    return features.row(0)
 
 
 def to_user_features(frame: pl.DataFrame) -> list[UserFeatures]:
