@@ -110,10 +110,6 @@ def event_columns(
 def event_table(events: pl.DataFrame, rule: SessionRule) -> pl.DataFrame:
     """`events` (user, item, category int32, timestamp int64 seconds; sorted by user, time,
     input order) with the columns of `event_columns` added."""
-    if events.height == 0:
-        return events.with_columns(
-            pl.Series(name, [], dtype=dtype) for name, dtype in EVENT_TABLE_DTYPES.items()
-        )
     columns = event_columns(
         events["user"].to_numpy(),
         events["category"].to_numpy(),

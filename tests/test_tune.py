@@ -608,3 +608,19 @@ def test_percentile_pruner_rejects_a_percentile_outside_0_100() -> None:
         BestSoFarPercentilePruner(0.0)
     with pytest.raises(ValueError, match="percentile"):
         BestSoFarPercentilePruner(101.0)
+
+
+def test_cli_pruner_choices_match_the_pruners_the_study_builds() -> None:
+    """The CLI lists the pruners literally (no Optuna import at start-up): keep it in step."""
+    import argparse
+
+    from tlsan.commands.tune import register
+    from tlsan.tuning.settings import TuneSettings
+    from tlsan.tuning.study import PRUNERS
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    tune = next(a for a in parser._subparsers._group_actions[0].choices.values())
+    pruner = next(a for a in tune._actions if "--pruner" in a.option_strings)
+    assert list(pruner.choices) == list(PRUNERS)
+    assert pruner.default == "percentile" == TuneSettings.__dataclass_fields__["pruner"].default
