@@ -41,8 +41,8 @@ class ModelStep:
     def __init__(self, bundle: Bundle) -> None:
         self.model: nn.Module = bundle.load_model()
         self.model.eval()
-        freeze = getattr(self.model, "freeze_neutral", None)
-        if freeze is not None:  # models with personal parameters: neutral rows computed once
+        freeze = getattr(self.model, "freeze", None)
+        if freeze is not None:  # TLSAN: item and user lookup tables gathered once
             freeze()
         self.explainable = isinstance(getattr(self.model, "fwa_long", None), FeatureWiseAttention)
 

@@ -136,18 +136,27 @@ def test_personal_parameters_roundtrip_and_neutral_user() -> None:
         model.set_personal(torch.tensor([6]), neutral)
         neutral_row = model.score_all(replace(batch, user=torch.full((5,), 6)))
     torch.testing.assert_close(unknown, neutral_row)
-    # serving freezes the neutral rows: later changes of the user tables do not move them
+    # serving freezes the lookup tables: bit-identical outputs, for known and unknown users
     zeros = replace(batch, user=torch.zeros(5, dtype=torch.int64))
-    three = torch.tensor([3])
-    model.freeze_neutral()
+    mixed = replace(batch, user=torch.tensor([0, 2, 0, 5, 1]))
     with torch.no_grad():
-        frozen = model.score_all(zeros)
-        model.set_personal(three, {k: v + 5.0 for k, v in model.get_personal(three).items()})
-        still = model.score_all(zeros)
-        model.__dict__.pop("_frozen_neutral")
-        moved = model.score_all(zeros)
-    torch.testing.assert_close(still, frozen)
-    assert not torch.allclose(moved, frozen)
+        model.eval()
+        thawed = [model.score_all(b) for b in (zeros, mixed, batch)]
+        model.freeze()
+        assert not model.training
+        frozen = [model.score_all(b) for b in (zeros, mixed, batch)]
+    for before, after in zip(thawed, frozen, strict=True):
+        assert torch.equal(before, after)
+    # writing personal rows thaws the model, so answers follow the new rows
+    three = torch.tensor([3])
+    model.set_personal(three, {k: v + 5.0 for k, v in model.get_personal(three).items()})
+    assert "_frozen" not in model.__dict__
+    with torch.no_grad():
+        moved = model.score_all(replace(batch, user=torch.full((5,), 3)))
+        model.freeze()
+        assert torch.equal(moved, model.score_all(replace(batch, user=torch.full((5,), 3))))
+    model.train()  # training thaws it too
+    assert "_frozen" not in model.__dict__ and model.training
 
 
 def test_build_model_kinds_and_sizes() -> None:

@@ -440,3 +440,19 @@ def test_bad_arguments_name_the_parameter(small: dict) -> None:
         retriever.search(
             query, K, allowed_categories=[None, {"a"}], item_categories=np.ones(500, int)
         )
+    with pytest.raises(TlsanError, match=r"exclude\[1\]: expected item indices \(ints\)"):
+        retriever.search(query, K, exclude=[{1}, {2.5}])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    keys=st.lists(st.integers(-5, 60), min_size=1, max_size=30),
+    values=st.lists(st.integers(-10, 70), min_size=0, max_size=40),
+)
+def test_sorted_contains_equals_isin(keys: list[int], values: list[int]) -> None:
+    """The binary-search membership test the exclude filter uses agrees with np.isin."""
+    from serving.retrieval import _sorted_contains
+
+    sorted_keys = np.unique(np.array(keys, np.int64))
+    arr = np.array(values, np.int64).reshape(-1, 1) if values else np.empty((0, 1), np.int64)
+    assert np.array_equal(_sorted_contains(sorted_keys, arr), np.isin(arr, sorted_keys))

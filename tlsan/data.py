@@ -103,6 +103,10 @@ def _padded(values: np.ndarray, lengths: np.ndarray, width: int, dtype: Any) -> 
     """Right-aligned (N, width) array from flat list values and per-row lengths."""
     n = len(lengths)
     out = np.zeros((n, max(width, 1)), dtype=dtype)
+    if n == 1:  # one row (a lone serving request): no index arithmetic needed
+        if values.size:
+            out[0, out.shape[1] - values.size :] = values
+        return out
     if values.size:
         rows = np.repeat(np.arange(n), lengths)
         starts = np.cumsum(lengths) - lengths

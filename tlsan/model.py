@@ -21,6 +21,7 @@ mean user embedding and the mean P over all known users), which is serving's col
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -144,6 +145,7 @@ class VectorModel(nn.Module):
     @torch.no_grad()
     def set_personal(self, users: Tensor, values: dict[str, Tensor]) -> None:
         """Write personal rows of `users` (shapes as returned by `get_personal`)."""
+        self.__dict__.pop("_frozen", None)  # a frozen model's tables would go stale
         state = self.state_dict(keep_vars=True)
         for name in self.personal_names:
             state[name].data[users] = values[name].to(state[name].dtype)
@@ -179,10 +181,22 @@ class FeatureWiseAttention(nn.Module):
         B, L, D = x.shape  # x (B, L, D), mask (B, L) bool
         x = x * mask.unsqueeze(-1)  # padding never contributes, whatever row 0 holds
         xh = x.view(B, L, self.heads, D // self.heads)  # (B, L, H, Dh)
-        a = self.map2(self.dropout(F.relu(self.map1(self.dropout(xh)))))  # (B, L, H, Dh)
+        if self.training:
+            a = self.map2(self.dropout(F.relu(self.map1(self.dropout(xh)))))  # (B, L, H, Dh)
+        else:  # dropout is the identity: skip its module calls (serving's per-request cost)
+            a = self.map2(F.relu(self.map1(xh)))
         a = a.masked_fill(~mask.view(B, L, 1, 1), NEG_INF)
         weights = torch.softmax(a, dim=1)  # over positions, per feature
         return (weights * xh).sum(1).reshape(B, D)  # (B, D)
+
+
+@dataclass(frozen=True)
+class _FrozenTables:
+    """Lookup tables of a frozen TLSAN (see `TLSAN.freeze`)."""
+
+    items: Tensor  # (N, D) item vectors x_i
+    e_u: Tensor  # (U, d_item) E_u, row 0 = the mean of the known users' rows
+    p: Tensor  # (U, Ls) P, row 0 = the mean of the known users' rows
 
 
 class TLSAN(VectorModel):
@@ -211,34 +225,44 @@ class TLSAN(VectorModel):
 
     def item_embed(self, items: Tensor) -> Tensor:
         # (...,) -> (..., D): x_i = [E_i[i] ; E_c[cat(i)]]
+        frozen = self.__dict__.get("_frozen")
+        if frozen is not None:
+            return F.embedding(items, frozen.items)
         return torch.cat([self.E_i(items), self.E_c(self.item_category[items])], -1)
 
     def personal(self, user: Tensor) -> tuple[Tensor, Tensor]:
         """(E_u[user], P[user]); user 0 (unknown) gets the neutral rows at inference."""
+        frozen = self.__dict__.get("_frozen")
+        if frozen is not None:  # row 0 of the frozen tables holds the neutral rows
+            return F.embedding(user, frozen.e_u), F.embedding(user, frozen.p)
         e_u, p = self.E_u(user), self.P[user]  # (B, d_item), (B, Ls)
         if not torch.is_grad_enabled() and bool((user == 0).any()):
             unknown = (user == 0).unsqueeze(1)
-            mean_e_u, mean_p = self._neutral_rows()
-            e_u = torch.where(unknown, mean_e_u, e_u)
-            p = torch.where(unknown, mean_p, p)
+            e_u = torch.where(unknown, self.E_u.weight[1:].mean(0), e_u)
+            p = torch.where(unknown, self.P[1:].mean(0), p)
         return e_u, p
 
-    def _neutral_rows(self) -> tuple[Tensor, Tensor]:
-        """Mean E_u and P rows over known users (see `freeze_neutral`)."""
-        frozen = self.__dict__.get("_frozen_neutral")
-        if frozen is not None:
-            return frozen
-        return self.E_u.weight[1:].mean(0), self.P[1:].mean(0)
-
     @torch.no_grad()
-    def freeze_neutral(self) -> None:
-        """Compute the neutral rows once, for a model whose user tables no longer change
-        (serving): a batch with an unknown user then does not average the whole user table
-        again, which is O(users) per request."""
-        self.__dict__["_frozen_neutral"] = (
-            self.E_u.weight[1:].mean(0).clone(),
-            self.P[1:].mean(0).clone(),
+    def freeze(self) -> None:
+        """Serving mode, for a model whose weights no longer change: the item table
+        `[E_i ; E_c[cat]]` is gathered once, and the user tables get the neutral personal rows
+        in row 0. A request then costs one lookup per table instead of a concatenation per
+        item and an O(users) mean whenever an unknown user is in the batch. The outputs are
+        bit-identical to the unfrozen model's; `train()` thaws it."""
+        self.eval()
+        n_items = self.b.shape[0]
+        items = torch.arange(n_items, device=self.b.device)
+        e_u, p = self.E_u.weight.clone(), self.P.detach().clone()
+        e_u[0], p[0] = self.E_u.weight[1:].mean(0), self.P[1:].mean(0)
+        tables = _FrozenTables(
+            torch.cat([self.E_i(items), self.E_c(self.item_category)], -1), e_u, p
         )
+        self.__dict__["_frozen"] = tables
+
+    def train(self, mode: bool = True) -> TLSAN:
+        if mode:
+            self.__dict__.pop("_frozen", None)
+        return super().train(mode)
 
     def user_state(self, batch: Batch) -> Tensor:
         Ls = self.config.long_window
