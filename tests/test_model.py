@@ -155,8 +155,11 @@ def test_personal_parameters_roundtrip_and_neutral_user() -> None:
         moved = model.score_all(replace(batch, user=torch.full((5,), 3)))
         model.freeze()
         assert torch.equal(moved, model.score_all(replace(batch, user=torch.full((5,), 3))))
-    model.train()  # training thaws it too
+    model.train()  # training thaws it too, and so does loading weights
     assert "_frozen" not in model.__dict__ and model.training
+    model.freeze()
+    model.load_state_dict(model.state_dict())
+    assert "_frozen" not in model.__dict__
 
 
 def test_build_model_kinds_and_sizes() -> None:

@@ -22,7 +22,7 @@ mean user embedding and the mean P over all known users), which is serving's col
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -263,6 +263,10 @@ class TLSAN(VectorModel):
         if mode:
             self.__dict__.pop("_frozen", None)
         return super().train(mode)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        self.__dict__.pop("_frozen", None)  # new weights: the frozen tables would be stale
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def user_state(self, batch: Batch) -> Tensor:
         Ls = self.config.long_window
