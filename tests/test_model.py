@@ -147,6 +147,12 @@ def test_personal_parameters_roundtrip_and_neutral_user() -> None:
         frozen = [model.score_all(b) for b in (zeros, mixed, batch)]
     for before, after in zip(thawed, frozen, strict=True):
         assert torch.equal(before, after)
+    with torch.no_grad():  # tables over the size budget are not copied: same answers
+        model.freeze(max_table_bytes=0)
+        assert model.__dict__["_frozen"].items is None and model.__dict__["_frozen"].e_u is None
+        lean = [model.score_all(b) for b in (zeros, mixed, batch)]
+    for before, after in zip(thawed, lean, strict=True):
+        assert torch.equal(before, after)
     # writing personal rows thaws the model, so answers follow the new rows
     three = torch.tensor([3])
     model.set_personal(three, {k: v + 5.0 for k, v in model.get_personal(three).items()})
