@@ -15,9 +15,12 @@ TLSAN with the default preset, then federates from scratch and evaluates on test
 federated global model with neutral personal parameters and (c) the same global model with
 each client's fine-tuned personal parameters. The server keeps the global model of the round
 with the best federated validation NDCG@10 and stops `--patience` rounds after it; one local
-epoch per round (the default) validated better than two (less client drift). `--from-run` adds a federated run started from
-(a)'s run dir (its config, one local epoch per round). Prints one JSON document each
-(`--out` also writes it to a file, atomically).
+epoch per round (the default) validated better than two (less client drift). `--select folded`
+picks the round and the fine-tuning epochs on the validation examples folded like test
+examples instead (`tlsan.federated.client.folded_split`; both curves are reported, and (a)'s
+folded validation too); `--session-fold` folds that share of the clients' training sessions.
+`--from-run` adds a federated run started from (a)'s run dir (its config, one local epoch per
+round). Prints one JSON document each (`--out` also writes it to a file, atomically).
 """
 
 from __future__ import annotations
@@ -170,13 +173,29 @@ def _row(metrics: dict[str, float]) -> dict[str, float]:
     return {k: round(float(metrics[k]), 5) for k in METRICS}
 
 
+def _folded_valid_ndcg(run_dir: Path, data: Path) -> float:
+    """A run's NDCG@10 on the validation examples folded like test examples (for comparison
+    with the federated runs' folded validation)."""
+    from tlsan.data import load_dataset
+    from tlsan.evaluate import evaluate_model
+    from tlsan.federated.client import folded_split
+    from tlsan.run_dir import load_run
+
+    dataset = load_dataset(data)
+    model = load_run(run_dir, dataset).model
+    result = evaluate_model(model, folded_split(dataset.valid), ks=(10,))
+    return round(float(result.metrics["ndcg@10"]), 5)
+
+
 def quality(args: argparse.Namespace) -> dict[str, Any]:
     from tlsan.config import default_config
     from tlsan.federated.run import FederateOptions, federate
     from tlsan.train import fit
 
     config = default_config("tlsan").override(threads=1, seed=args.seed)
-    fed_config = config.override(batch_size=args.batch_size, lr=args.lr)
+    fed_config = config.override(
+        batch_size=args.batch_size, lr=args.lr, session_fold=args.session_fold
+    )
     table: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -187,6 +206,7 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
         table["a_central"] = {
             **_row(central.test),
             "valid_ndcg@10": round(float(central.valid["ndcg@10"]), 5) if central.valid else None,
+            "folded_valid_ndcg@10": _folded_valid_ndcg(central.run_dir, data),
             "wall_seconds": time.perf_counter() - began,
         }
         options = FederateOptions(
@@ -204,6 +224,7 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
             personal_lr=args.personal_lr,
             personal_lr_scale=args.personal_lr_scale,
             patience=args.patience,
+            select=args.select,
             mlflow=False,
             progress=not args.quiet,
         )
@@ -247,6 +268,9 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
                 "valid_ndcg@10_per_round": [
                     round(r.valid.get("ndcg@10", float("nan")), 5) for r in result.rounds
                 ],
+                "folded_valid_ndcg@10_per_round": [
+                    round(r.valid.get("folded-ndcg@10", float("nan")), 5) for r in result.rounds
+                ],
             }
     return {
         "dataset": "Digital_Music (preset paper)",
@@ -275,6 +299,18 @@ def main() -> None:
     q.add_argument("--personal-lr", type=float, help="fine-tuning lr (default: --lr)")
     q.add_argument("--personal-lr-scale", type=float, default=1.0)
     q.add_argument("--patience", type=int, default=5, help="rounds without improvement")
+    q.add_argument(
+        "--select",
+        choices=["valid", "folded"],
+        default="valid",
+        help="validation examples that pick the round and the fine-tuning epochs",
+    )
+    q.add_argument(
+        "--session-fold",
+        type=float,
+        default=0.0,
+        help="federated runs: share of training sessions moved to long-term history",
+    )
     q.add_argument("--strategy", choices=["fedavg", "fedprox", "fedavgm"], default="fedavg")
     q.add_argument("--server-lr", type=float, default=1.0, help="fedavgm")
     q.add_argument("--server-momentum", type=float, default=0.9, help="fedavgm")

@@ -26,7 +26,7 @@ from tlsan.cli import main
 from tlsan.config import default_config
 from tlsan.data import load_dataset
 from tlsan.errors import ConfigError, RunError
-from tlsan.federated.client import global_names
+from tlsan.federated.client import VALID_KEYS, folded_split, global_names
 from tlsan.federated.partition import (
     assign_clients,
     device_dir,
@@ -36,7 +36,7 @@ from tlsan.federated.partition import (
 )
 from tlsan.federated.personal import PERSONAL_FILE, load_personal, save_personal
 from tlsan.federated.run import FederateOptions, FederateResult, federate
-from tlsan.federated.server import StrategySpec, WireLog, make_strategy
+from tlsan.federated.server import WEIGHT_KEY, StrategySpec, WireLog, make_strategy
 from tlsan.run_dir import load_run
 
 N_USERS = 40
@@ -282,6 +282,82 @@ def test_patience_stops_after_rounds_without_improvement(tmp_path: Path, tiny_da
     chosen = sim.wire.sent_arrays[(7, "train.personalize")]
     evaluated = sim.wire.sent_arrays[(best, "evaluate")]
     assert all(np.array_equal(chosen[k], evaluated[k]) for k in chosen)
+
+
+@pytest.mark.slow
+def test_select_folded_picks_the_round_on_folded_validation(
+    tmp_path: Path, tiny_data: Path
+) -> None:
+    """`select="folded"` (`--select folded`) keeps the round that scores best on the folded
+    validation examples; clients report plain and folded metrics; `session_fold` reaches the
+    clients' training config."""
+    sim = _simulate(
+        tmp_path,
+        tiny_data,
+        rounds=3,
+        select="folded",
+        config=CONFIG.override(session_fold=0.5),
+        personal_epochs=2,
+        mlflow=False,
+    )
+    federated = json.loads((sim.result.run_dir / "federated.json").read_text())
+    assert federated["settings"]["select"] == "folded"
+    best = federated["best_round"]
+    folded = {r["round"]: r["valid"]["folded-ndcg@10"] for r in federated["rounds"]}
+    assert folded[best] == max(folded.values())
+    assert all(r["valid"]["ndcg@10"] >= 0 for r in federated["rounds"])
+    chosen = sim.wire.sent_arrays[(4, "train.personalize")]
+    evaluated = sim.wire.sent_arrays[(best, "evaluate")]
+    assert all(np.array_equal(chosen[k], evaluated[k]) for k in chosen)
+    expected = {f"metrics/{key}" for key in (WEIGHT_KEY, *VALID_KEYS)}
+    evaluations = [r for r in sim.wire.received if r.kind == "evaluate"]
+    assert evaluations and all(set(r.metrics) == expected for r in evaluations)
+    config = json.loads((sim.result.run_dir / "config.json").read_text())
+    assert config["config"]["session_fold"] == 0.5
+    personal = sim.result.personalization
+    assert personal["valid-ndcg@10-after"] >= personal["valid-ndcg@10-before"]
+
+
+@pytest.mark.slow
+def test_cli_select_folded_and_session_fold_reach_the_run(tiny_data: Path, tmp_path: Path) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(CONFIG.to_dict()))
+    out = tmp_path / "run"
+    code = main(
+        ["federate", "--data", str(tiny_data), "--out", str(out), "--rounds", "2",
+         "--clients-per-round", "2", "--client-unit", "cohort:10", "--config", str(config),
+         "--select", "folded", "--session-fold", "0.25", "--personal-epochs", "1",
+         "--no-mlflow", "--no-progress"]
+    )  # fmt: skip
+    assert code == 0
+    federated = json.loads((out / "federated.json").read_text())
+    assert federated["settings"]["select"] == "folded"
+    folded = {r["round"]: r["valid"]["folded-ndcg@10"] for r in federated["rounds"]}
+    assert folded[federated["best_round"]] == max(folded.values())
+    assert json.loads((out / "config.json").read_text())["config"]["session_fold"] == 0.25
+
+
+def test_folded_split_moves_the_session_into_long_term_and_keeps_it_seen(
+    tiny_data: Path,
+) -> None:
+    valid = load_dataset(tiny_data).valid
+    folded = folded_split(valid)
+    assert len(folded) == len(valid) and bool((folded.arrays.short_items == 0).all())
+    assert torch.equal(folded.arrays.target, valid.arrays.target)
+    with_session = torch.nonzero((valid.arrays.short_items > 0).any(1)).flatten()
+    assert with_session.numel() > 0
+    for row in with_session.tolist():
+        short = valid.arrays.short_items[row]
+        short = short[short > 0]
+        n = short.numel()
+        assert folded.arrays.long_items[row, -n:].tolist() == short.tolist()
+        assert bool((folded.arrays.long_tau[row, -n:] == 1.0).all())
+    rows = torch.arange(len(valid))
+    items = torch.arange(valid.n_items).expand(len(valid), -1)
+    assert torch.equal(folded.seen_mask(rows, items), valid.seen_mask(rows, items))
+    with pytest.raises(ConfigError, match="--select"):
+        FederateOptions(data=tiny_data, out=tiny_data / "o", rounds=1, clients_per_round=1,
+                        select="test")  # fmt: skip
 
 
 @pytest.mark.slow

@@ -67,6 +67,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "the global model of the best round is kept either way (5)",
     )
     p.add_argument(
+        "--select",
+        choices=("valid", "folded"),
+        default="valid",
+        help="validation examples that pick the round and each device's fine-tuning epoch: "
+        "as given, or folded (the current session moved into the long-term history, as in "
+        "most paper-split test examples) (valid)",
+    )
+    p.add_argument(
         "--personal-lr-scale",
         type=float,
         default=1.0,
@@ -94,6 +102,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, help="local learning rate")
     p.add_argument("--batch-size", type=int, help="local batch size")
     p.add_argument("--negatives", type=int, help="sampled negatives per positive")
+    p.add_argument(
+        "--session-fold",
+        type=float,
+        help="share of local training examples whose session moves to long-term history (0-1)",
+    )
     p.add_argument("--seed", type=int, help="seed (config, partition, sampling)")
     p.add_argument("--work-dir", type=Path, help="keep the simulated device dirs here")
     p.add_argument("--num-cpus", type=int, default=0, help="CPUs for the simulation (0 = all)")
@@ -115,6 +128,7 @@ def _config(args: argparse.Namespace) -> Any:
             "lr": args.lr,
             "batch_size": args.batch_size,
             "negatives": args.negatives,
+            "session_fold": args.session_fold,
         }.items()
         if v is not None
     }
@@ -157,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
         dp_mode=args.dp_mode,
         client_unit=args.client_unit,
         patience=args.patience,
+        select=args.select,
         personal_lr_scale=args.personal_lr_scale,
         personal_epochs=args.personal_epochs,
         personal_lr=args.personal_lr,

@@ -5,8 +5,10 @@
    each client's device dir (its own data only), provisioned with its starting personal rows:
    the central run's rows, or neutral rows (the mean user embedding and mean P) from scratch.
 3. Flower simulation (Ray backend): the ServerApp runs the strategy over the *global*
-   parameters for R rounds (C clients each, E local epochs, per-round federated validation),
-   then sends the final global parameters to every client to fine-tune its personal rows.
+   parameters for R rounds (C clients each, E local epochs, per-round federated validation on
+   the validation examples as given and folded like test examples; `select` says which picks
+   the round), then sends that round's global parameters to every client to fine-tune its
+   personal rows.
 4. Gather: global parameters from the server, each device's fine-tuned personal rows from its
    dir (users that were no client's keep their starting rows) into one model; evaluate valid
    and test centrally (like `tlsan evaluate`), also with neutral personal parameters; write
@@ -33,6 +35,8 @@ from tlsan.federated.partition import assign_clients, parse_client_unit, write_d
 from tlsan.federated.server import RoundStats, ServerPlan, StrategySpec, WireLog
 
 FEDERATED_FILE = "federated.json"
+# --select: which validation examples pick the round and each device's fine-tuning epoch
+SELECT: dict[str, str] = {"valid": "valid", "folded": "valid-folded"}
 EXPERIMENT = "tlsan-federated"
 
 
@@ -56,6 +60,7 @@ class FederateOptions:
     dp_mode: str = "local"
     client_unit: str = "user"
     patience: int = 0  # rounds without validation improvement before stopping, 0 = never
+    select: str = "valid"  # valid | folded: validation examples that pick rounds and epochs
     personal_lr_scale: float = 1.0  # personal rows' lr multiplier during rounds (0 = frozen)
     personal_epochs: int = 10
     personal_lr: float | None = None  # None: the training lr
@@ -84,6 +89,8 @@ class FederateOptions:
             raise ConfigError(f"--personal-lr: expected > 0, got {self.personal_lr}")
         if self.client_cpus <= 0 or self.num_cpus < 0:
             raise ConfigError("--client-cpus must be > 0 and --num-cpus >= 0")
+        if self.select not in SELECT:
+            raise ConfigError(f"--select: expected one of {', '.join(SELECT)}, got {self.select!r}")
         parse_client_unit(self.client_unit)
 
 
@@ -308,6 +315,7 @@ def federate(
             "dp_noise": options.dp_noise,
             "dp_mode": options.dp_mode if options.dp_clip > 0 else "off",
             "patience": options.patience,
+            "select": options.select,
             "personal_lr_scale": options.personal_lr_scale,
             "personal_epochs": options.personal_epochs,
             "personal_lr": personal_lr,
@@ -341,11 +349,13 @@ def federate(
                 "train-config": config_json,
                 "personal-epochs": options.personal_epochs,
                 "personal-lr": personal_lr,
+                "select": SELECT[options.select],
                 "seed": config.seed,
             },
             seed=config.seed,
             personalize=True,
             patience=options.patience,
+            select=f"{SELECT[options.select]}-ndcg@10",
             log=log,
             on_round=round_done,
         )

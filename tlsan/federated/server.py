@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tlsan.errors import ConfigError, RunError
+from tlsan.federated.client import VALID_KEYS
 
 if TYPE_CHECKING:
     from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -32,7 +33,7 @@ WEIGHT_KEY = "num-examples"
 PERSONALIZE = "train.personalize"
 # What a client may report besides its arrays; anything else is refused at the server.
 TRAIN_METRIC_KEYS = frozenset({WEIGHT_KEY, "train-loss"})
-EVAL_METRIC_KEYS = frozenset({WEIGHT_KEY, "valid-ndcg@10", "valid-hr@10", "valid-auc"})
+EVAL_METRIC_KEYS = frozenset({WEIGHT_KEY, *VALID_KEYS})
 PERSONAL_METRIC_KEYS = frozenset(
     {WEIGHT_KEY, "personal-loss", "personal-epoch", "valid-ndcg@10-before", "valid-ndcg@10-after"}
 )
@@ -407,6 +408,7 @@ class ServerPlan:
     result: dict[str, np.ndarray] | None = None
     personal_metrics: dict[str, float] = field(default_factory=dict)
     select: str = "valid-ndcg@10"  # federated validation metric that picks the round
+    # (valid-folded-ndcg@10: on the validation examples folded like test examples)
     patience: int = 0  # stop after this many rounds without improvement, 0 = never
     evaluate_start: bool = True  # also evaluate the starting parameters (round 0)
     best_round: int = 0
