@@ -5,6 +5,10 @@ example, and go through the very padding code training and evaluation use
 (`tlsan.data.padded_arrays`), with no dataframe in between. User index 0 asks the model for
 neutral personal parameters (an unknown user).
 
+Small batches without explanations run on ONNX Runtime when the bundle has the exported
+graph (`tlsan.onnx_graph`): a lone request's forward costs a fraction of PyTorch's per-op
+dispatch there. The graph is checked against the PyTorch model on load.
+
 Explanations (TLSAN only) read the attention the model actually computed: forward hooks on
 its two feature-wise attention modules capture their inputs, and the softmax weights are
 recomputed from them with the modules' own layers, then averaged over features (each
@@ -21,9 +25,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipelines.features import OnlineFeatures
-from tlsan.bundle import Bundle
+from tlsan.bundle import MODEL_DIR, Bundle
 from tlsan.data import padded_arrays
-from tlsan.model import NEG_INF, FeatureWiseAttention
+from tlsan.errors import BundleError
+from tlsan.model import NEG_INF, TLSAN, FeatureWiseAttention
+from tlsan.onnx_graph import DEFAULT_MAX_BATCH, ONNX_FILE, GraphError, OnnxUserVectors
 
 
 def fwa_weights(module: FeatureWiseAttention, x: Tensor, mask: Tensor) -> Tensor:
@@ -36,15 +42,42 @@ def fwa_weights(module: FeatureWiseAttention, x: Tensor, mask: Tensor) -> Tensor
 
 
 class ModelStep:
-    """The bundle's model in eval mode, answering batches of feature rows."""
+    """The bundle's model in eval mode, answering batches of feature rows.
 
-    def __init__(self, bundle: Bundle) -> None:
+    `onnx_max_batch`: batches up to this many rows (without explanations) run on the bundle's
+    ONNX graph when it has one; 0 keeps every batch on PyTorch.
+    """
+
+    def __init__(
+        self, bundle: Bundle, *, threads: int = 1, onnx_max_batch: int = DEFAULT_MAX_BATCH
+    ) -> None:
+        if onnx_max_batch < 0:
+            raise ValueError(f"onnx_max_batch: expected >= 0, got {onnx_max_batch}")
         self.model: nn.Module = bundle.load_model()
         self.model.eval()
         freeze = getattr(self.model, "freeze", None)
         if freeze is not None:  # TLSAN: item and user lookup tables gathered once
             freeze()
         self.explainable = isinstance(getattr(self.model, "fwa_long", None), FeatureWiseAttention)
+        self.graph: OnnxUserVectors | None = None
+        self.onnx_max_batch = onnx_max_batch
+        path = bundle.path / MODEL_DIR / ONNX_FILE
+        if onnx_max_batch and isinstance(self.model, TLSAN) and path.is_file():
+            try:
+                graph = OnnxUserVectors(
+                    path, long_window=self.model.config.long_window, threads=threads
+                )
+                graph.check(self.model)
+            except GraphError as exc:
+                raise BundleError(f"{bundle.path}: {exc}; re-export the bundle") from exc
+            self.graph = graph
+
+    @property
+    def runtime(self) -> dict[str, Any]:
+        """What `/model` reports about how the model runs."""
+        if self.graph is None:
+            return {"onnx": False}
+        return {"onnx": True, "onnx_max_batch": self.onnx_max_batch}
 
     @torch.inference_mode()
     def user_vectors(
@@ -72,6 +105,8 @@ class ModelStep:
                     captured[name] = (args[0], args[1])
 
                 hooks.append(getattr(self.model, name).register_forward_hook(hook))
+        if self.graph is not None and not wanted and len(users) <= self.onnx_max_batch:
+            return self.graph(batch), [None] * len(users)
         try:
             vectors = self.model.user_vectors(batch).numpy().astype(np.float32, copy=False)
         finally:

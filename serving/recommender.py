@@ -32,6 +32,7 @@ from serving.errors import RequestError
 from serving.model_step import ModelStep
 from serving.retrieval import Retriever, load_index
 from tlsan.bundle import Bundle
+from tlsan.onnx_graph import DEFAULT_MAX_BATCH
 
 Clock = Callable[[], float]
 
@@ -92,7 +93,8 @@ class Recommender:
 
     `clock` gives the default `now`; `threads` caps torch and FAISS threads of the whole
     process (the service passes 1: one worker per core; None leaves them alone);
-    `max_candidates` bounds FAISS widening before exact fallback (see serving.retrieval).
+    `max_candidates` bounds FAISS widening before exact fallback (see serving.retrieval);
+    `onnx_max_batch` is the largest batch the bundle's ONNX graph runs (0: PyTorch only).
     """
 
     def __init__(
@@ -103,6 +105,7 @@ class Recommender:
         clock: Clock = time.time,
         threads: int | None = None,
         max_candidates: int | None = None,
+        onnx_max_batch: int = DEFAULT_MAX_BATCH,
     ) -> None:
         self.threads = threads
         self._limited = threading.local()
@@ -138,7 +141,7 @@ class Recommender:
         index = load_index(bundle.index_path, vectors.shape[1], n_items)
         kwargs = {} if max_candidates is None else {"max_candidates": max_candidates}
         self.retriever = Retriever(index, vectors[1:], self.item_category, **kwargs)
-        self.model = ModelStep(bundle)
+        self.model = ModelStep(bundle, threads=threads or 1, onnx_max_batch=onnx_max_batch)
 
     # ------------------------------------------------------------------ API
     def recommend(self, query: Query) -> Recommendation:
@@ -220,6 +223,7 @@ class Recommender:
             "counts": m.get("counts", {}),
             "index": m["index"],
             "popularity": m.get("popularity", {}),
+            "runtime": self.model.runtime,
             "source": self.bundle.source,
         }
 

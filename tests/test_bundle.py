@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnx
 import polars as pl
 import pytest
 import torch
@@ -79,6 +80,7 @@ def test_export_writes_every_part_and_a_manifest_that_describes_them(
     assert manifest["created_at"].endswith("+00:00")
     assert manifest["features"] == {"session": "day", "max_long": 50, "max_short": 0}
     assert manifest["index"]["kind"] == "flat"  # 1,583 items: below the HNSW threshold
+    assert manifest["onnx"]["file"] == "model/model.onnx"  # TLSAN's user vectors for serving
     n_items = data_manifest["vocab_sizes"]["items"] - 1
     assert manifest["counts"]["items"] == n_items
     for name, entry in manifest["files"].items():
@@ -109,6 +111,8 @@ def test_export_writes_every_part_and_a_manifest_that_describes_them(
                 assert head[:4] == PARQUET, path
             elif path.suffix == ".faiss":
                 assert head[:4] in (FAISS_FLAT, FAISS_HNSW), path
+            elif path.suffix == ".onnx":  # a protobuf ONNX model, loadable without torch
+                onnx.checker.check_model(onnx.load(str(path)))
             else:
                 assert path.suffix == ".safetensors", path
                 header = int.from_bytes(head, "little")
@@ -126,10 +130,17 @@ def test_export_builds_the_requested_index_kind(trained: tuple[Path, Path], tmp_
     # An existing bundle is only replaced on request.
     assert main([*args, "--index", "flat"]) == 2
     assert read_manifest(out)["index"]["kind"] == "hnsw"
-    assert main([*args, "--index", "flat", "--overwrite"]) == 0
-    assert read_manifest(out)["index"]["kind"] == "flat"
+    assert main([*args, "--index", "flat", "--overwrite", "--no-onnx"]) == 0
+    manifest = read_manifest(out)
+    assert manifest["index"]["kind"] == "flat"
+    # Without the ONNX graph the bundle serves on PyTorch alone.
+    assert manifest["onnx"]["file"] is None and "--no-onnx" in manifest["onnx"]["reason"]
+    assert not (out / "model/model.onnx").exists()
+    from serving.model_step import ModelStep
+
+    assert ModelStep(load_bundle(out)).runtime == {"onnx": False}
     # `auto` switches to HNSW at the configured catalog size.
-    assert main([*args, "--overwrite", "--flat-threshold", "1000"]) == 0
+    assert main([*args, "--overwrite", "--flat-threshold", "1000", "--no-onnx"]) == 0
     assert read_manifest(out)["index"]["kind"] == "hnsw"
 
 
@@ -226,6 +237,22 @@ def test_bundles_of_another_format_or_model_version_are_refused(
     loaded = load_bundle(mixed)
     with pytest.raises(BundleError, match="does not match the bundled weights"):
         loaded.load_model()
+    # An ONNX graph exported from other weights, checksums consistent: caught when serving loads.
+    graph_mix = _copy(bundle, tmp_path / "c")
+    other = load_run(run).model
+    with torch.no_grad():
+        other.summary.weight.add_(0.1)
+    from tlsan.onnx_graph import export_user_vectors
+
+    graph = graph_mix / "model/model.onnx"
+    export_user_vectors(other, graph)
+    manifest = json.loads((graph_mix / "manifest.json").read_text())
+    manifest["files"]["model/model.onnx"] = {"sha256": sha256(graph), "bytes": graph.stat().st_size}
+    (graph_mix / "manifest.json").write_text(json.dumps(manifest))
+    from serving.model_step import ModelStep
+
+    with pytest.raises(BundleError, match="ONNX graph does not match the model's weights"):
+        ModelStep(load_bundle(graph_mix))
     # A model of an architecture this version does not know.
     config = json.loads((mixed / "model/config.json").read_text())
     config["config"]["model"]["kind"] = "transformer-xl"

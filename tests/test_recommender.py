@@ -120,6 +120,26 @@ def test_every_test_user_gets_the_offline_evaluators_top10(
     some = list(range(0, 1_659, 97))
     small = recommender.recommend_batch([queries[i] for i in some])
     assert [a.items for a in small] == [answers[i].items for i in some]
+    # Lone requests, the service's low-load case, run on the bundle's ONNX graph: the same
+    # top 10 for every test user, scores equal to float32 rounding.
+    graph = recommender.model.graph
+    assert graph is not None and recommender.model_info()["runtime"]["onnx"] is True
+    runs = 0
+
+    def counted(batch: object) -> np.ndarray:
+        nonlocal runs
+        runs += 1
+        return graph(batch)  # type: ignore[arg-type]
+
+    recommender.model.graph = counted  # type: ignore[assignment]
+    for row, query in enumerate(queries):
+        (alone,) = recommender.recommend_batch([query])
+        assert not isinstance(alone, RequestError)
+        assert [index[i] for i, _, _ in alone.items] == expected[row].tolist(), row
+        assert [s for _, s, _ in alone.items] == pytest.approx(
+            [s for _, s, _ in answers[row].items], rel=1e-5, abs=1e-5
+        )
+    assert runs == len(queries)
 
 
 @pytest.mark.parametrize("kind", ["sasrec", "pop"])

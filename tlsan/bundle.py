@@ -191,6 +191,26 @@ def _item_vectors(model: Any) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ writing
+def _export_graph(
+    model: Any, folder: Path, wanted: bool, say: Callable[[str], None]
+) -> dict[str, Any]:
+    """The manifest's `onnx` entry; writes the graph into `folder` when it is wanted and the
+    model can have one (a failed export is an error: pass onnx=False / --no-onnx instead)."""
+    from tlsan.onnx_graph import INPUT_NAMES, ONNX_FILE, GraphError, export_user_vectors, exportable
+
+    if not wanted:
+        return {"file": None, "reason": "exported without the ONNX graph (--no-onnx)"}
+    reason = exportable(model)
+    if reason is not None:
+        return {"file": None, "reason": reason}
+    say("exporting the user-vector graph (ONNX)")
+    try:
+        export_user_vectors(model, folder / ONNX_FILE)
+    except GraphError as exc:
+        raise BundleError(f"{exc}; export with --no-onnx to serve on PyTorch only") from exc
+    return {"file": f"{MODEL_DIR}/{ONNX_FILE}", "inputs": list(INPUT_NAMES)}
+
+
 @contextmanager
 def _atomic_dir(out: Path, overwrite: bool) -> Iterator[Path]:
     """A temporary directory beside `out` that replaces it only when the block succeeds."""
@@ -233,9 +253,13 @@ def write_bundle(
     model_version: str | None = None,
     half_life_days: float = DEFAULT_HALF_LIFE_DAYS,
     overwrite: bool = False,
+    onnx: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
-    """Export a trained run (`run_dir`, trained on the prepared dataset `data_dir`) to `out`."""
+    """Export a trained run (`run_dir`, trained on the prepared dataset `data_dir`) to `out`.
+
+    With `onnx`, a TLSAN model's user vectors are also exported as an ONNX graph, which the
+    service runs for small batches (`tlsan.onnx_graph`)."""
     from safetensors.numpy import save_file
 
     say = progress or (lambda _msg: None)
@@ -265,6 +289,7 @@ def write_bundle(
                 f"{items.height}; was it trained on {data_dir}?"
             )
         save_file({"item_vectors": vectors}, str(tmp / ITEM_VECTORS))
+        graph_info = _export_graph(model, tmp / MODEL_DIR, onnx, say)
         say(f"building the FAISS index ({index_kind})")
         builder = index_builder or subprocess_index_builder
         index_info = builder(tmp / ITEM_VECTORS, tmp / INDEX, index_kind, flat_threshold)
@@ -302,6 +327,7 @@ def write_bundle(
             },
             "item_vectors": {"rows": int(vectors.shape[0]), "dim": int(vectors.shape[1])},
             "index": index_info,
+            "onnx": graph_info,
             "popularity": {"half_life_days": half_life_days, "reference_time": reference},
             "files": files,
         }
