@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -258,6 +259,47 @@ def request_bodies(data: Path, n: int, seed: int) -> list[bytes]:
     return bodies
 
 
+def model_step_timing(bundle: Path, store_url: str, bodies: list[bytes]) -> dict[str, Any]:
+    """In-process `recommend_batch` per lone request with the bundle's ONNX graph and with
+    PyTorch only (its baseline, same run). Passes over the request mix alternate between the
+    two (this box's speed drifts within seconds); median of 7 passes each, process CPU ms per
+    request."""
+    from feature_store import open_store
+    from serving.recommender import Query, Recommender
+    from tlsan.bundle import load_bundle
+
+    queries = []
+    for raw in bodies[:400]:
+        body = json.loads(raw)
+        events = tuple((str(e["item_id"]), int(e["timestamp"])) for e in body.get("events", []))
+        queries.append(
+            Query(user_id=str(body["user_id"]), k=body["k"], now=body["now"], events=events)
+        )
+    loaded = load_bundle(bundle)
+    out: dict[str, Any] = {}
+    with open_store(store_url) as store:
+        recs = {
+            name: Recommender(loaded, store, threads=1, onnx_max_batch=max_batch)
+            for name, max_batch in (("onnx", 8), ("torch", 0))
+        }
+        passes: dict[str, list[float]] = {name: [] for name in recs}
+        for name, rec in recs.items():
+            out[f"{name}_runtime"] = rec.model.runtime
+            for query in queries[:50]:  # warm-up
+                rec.recommend_batch([query])
+        for _ in range(7):
+            for name, rec in recs.items():
+                start = time.process_time()
+                for query in queries:
+                    rec.recommend_batch([query])
+                passes[name].append((time.process_time() - start) * 1000.0 / len(queries))
+    for name, times in passes.items():
+        out[f"{name}_ms_per_request"] = statistics.median(times)
+        out[f"{name}_passes_ms"] = times
+    out["torch_to_onnx_ratio"] = out["torch_ms_per_request"] / out["onnx_ms_per_request"]
+    return out
+
+
 def run_retrieval(items: int) -> dict[str, Any]:
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "retrieval.py"), "--items", str(items),
@@ -344,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
                 servers={"bare": bare_server, "recommend": rec_server},
             )
             bare, rec = both["bare"], both["recommend"]
+            with urllib.request.urlopen(f"{rec_server.url}/model", timeout=10) as resp:
+                served_runtime = json.loads(resp.read())["runtime"]
             best = max(r["throughput_rps"] for r in rec)
             half = asyncio.run(open_loop(url, bodies, best / 2, args.open_loop_requests))
         report["bare"] = bare
@@ -357,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
             for b, r in zip(bare, rec, strict=True)
         }
         report["open_loop_at_half_max"] = half
+        report["model_runtime"] = served_runtime
         report["machine"]["load_average_after_load_tests"] = os.getloadavg()
         report["targets"] = {
             "throughput_ratio_ge_0.5": {
@@ -365,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
             "p99_le_25ms_at_half_max": half["p99_ms"] <= 25.0,
             "median_ratio": statistics.median(report["ratio_recommend_to_bare"].values()),
         }
+        print("in-process model path: ONNX Runtime vs PyTorch ...", file=sys.stderr)
+        report["in_process_recommend"] = model_step_timing(bundle, store_url, bodies)
         if args.retrieval_items:
             print(f"retrieval benchmark ({args.retrieval_items} items) ...", file=sys.stderr)
             report["retrieval"] = run_retrieval(args.retrieval_items)
