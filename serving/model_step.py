@@ -27,9 +27,9 @@ from torch import Tensor, nn
 from pipelines.features import OnlineFeatures
 from tlsan.bundle import MODEL_DIR, Bundle
 from tlsan.data import padded_arrays
-from tlsan.errors import BundleError
+from tlsan.errors import BundleError, GraphError
 from tlsan.model import NEG_INF, TLSAN, FeatureWiseAttention
-from tlsan.onnx_graph import DEFAULT_MAX_BATCH, ONNX_FILE, GraphError, OnnxUserVectors
+from tlsan.onnx_graph import DEFAULT_MAX_BATCH, ONNX_FILE, OnnxUserVectors
 
 
 def fwa_weights(module: FeatureWiseAttention, x: Tensor, mask: Tensor) -> Tensor:

@@ -12,10 +12,10 @@ import torch
 
 from tlsan.config import ModelConfig
 from tlsan.data import Batch, VocabSizes
+from tlsan.errors import GraphError
 from tlsan.model import build_model
 from tlsan.onnx_graph import (
     INPUT_NAMES,
-    GraphError,
     OnnxUserVectors,
     export_user_vectors,
     exportable,

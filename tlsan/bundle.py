@@ -196,7 +196,8 @@ def _export_graph(
 ) -> dict[str, Any]:
     """The manifest's `onnx` entry; writes the graph into `folder` when it is wanted and the
     model can have one (a failed export is an error: pass onnx=False / --no-onnx instead)."""
-    from tlsan.onnx_graph import INPUT_NAMES, ONNX_FILE, GraphError, export_user_vectors, exportable
+    from tlsan.errors import GraphError
+    from tlsan.onnx_graph import INPUT_NAMES, ONNX_FILE, export_user_vectors, exportable
 
     if not wanted:
         return {"file": None, "reason": "exported without the ONNX graph (--no-onnx)"}

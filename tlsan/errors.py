@@ -15,3 +15,7 @@ class ConfigError(TlsanError):
 
 class BundleError(TlsanError):
     """A serving bundle that is incomplete, corrupt or from another model version."""
+
+
+class GraphError(TlsanError):
+    """A model's ONNX graph that cannot be exported or loaded, or does not match its weights."""

@@ -25,16 +25,13 @@ import torch
 from torch import Tensor, nn
 
 from tlsan.data import Batch
+from tlsan.errors import GraphError
 from tlsan.model import TLSAN
 
 ONNX_FILE = "model.onnx"
 INPUT_NAMES = ("user", "long_items", "long_tau", "short_items", "user_category")
 DEFAULT_MAX_BATCH = 8  # measured: ONNX Runtime ahead up to ~8 rows, PyTorch ahead from there
 MAX_EXPORT_BYTES = 1 << 30  # one protobuf holds at most 2 GiB; larger models serve on PyTorch
-
-
-class GraphError(RuntimeError):
-    """The ONNX graph cannot be exported, loaded, or does not match the PyTorch model."""
 
 
 @dataclass(frozen=True)
