@@ -194,7 +194,12 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
 
     config = default_config("tlsan").override(threads=1, seed=args.seed)
     fed_config = config.override(
-        batch_size=args.batch_size, lr=args.lr, session_fold=args.session_fold
+        batch_size=args.batch_size,
+        lr=args.lr,
+        session_fold=args.session_fold,
+        dropout=args.dropout if args.dropout is not None else config.model.dropout,
+        weight_decay=args.weight_decay,
+        optimizer=args.optimizer or config.optimizer,
     )
     table: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -311,6 +316,11 @@ def main() -> None:
         default=0.0,
         help="federated runs: share of training sessions moved to long-term history",
     )
+    q.add_argument(
+        "--dropout", type=float, help="federated runs: dropout (default: the preset's, 0)"
+    )
+    q.add_argument("--weight-decay", type=float, default=0.0, help="federated runs")
+    q.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], help="federated runs")
     q.add_argument("--strategy", choices=["fedavg", "fedprox", "fedavgm"], default="fedavg")
     q.add_argument("--server-lr", type=float, default=1.0, help="fedavgm")
     q.add_argument("--server-momentum", type=float, default=0.9, help="fedavgm")
