@@ -95,7 +95,11 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
     from tlsan.federated.run import FederateOptions, federate
 
     config = default_config("tlsan").override(threads=1, batch_size=64, negatives=4)
-    out: dict[str, Any] = {"rounds": args.rounds, "runs": []}
+    out: dict[str, Any] = {
+        "rounds": args.rounds,
+        "optimizer_state": args.optimizer_state,
+        "runs": [],
+    }
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         data = _synthetic(tmp, args.users, args.seed)
@@ -116,6 +120,7 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
                 client_unit=unit,
                 eval_fraction=0.0,
                 personal_epochs=1,
+                optimizer_state=args.optimizer_state,
                 mlflow=False,
                 progress=False,
                 work_dir=work,
@@ -228,6 +233,7 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
             personal_epochs=args.personal_epochs,
             personal_lr=args.personal_lr,
             personal_lr_scale=args.personal_lr_scale,
+            optimizer_state=args.optimizer_state,
             patience=args.patience,
             select=args.select,
             mlflow=False,
@@ -329,6 +335,12 @@ def main() -> None:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--quiet", action="store_true")
     for mode in (s, q):
+        mode.add_argument(
+            "--optimizer-state",
+            choices=["auto", "shared", "local"],
+            default="auto",
+            help="federated runs: Adam's moments shared between rounds (auto: yes, for Adam)",
+        )
         mode.add_argument("--out", type=Path, help="also write the JSON report here (atomically)")
     args = parser.parse_args()
     result = speed(args) if args.mode == "speed" else quality(args)

@@ -26,7 +26,9 @@ from tlsan.cli import main
 from tlsan.config import default_config
 from tlsan.data import load_dataset
 from tlsan.errors import ConfigError, RunError
+from tlsan.federated import optimizer_state
 from tlsan.federated.client import VALID_KEYS, folded_split, global_names
+from tlsan.federated.optimizer_state import STEP
 from tlsan.federated.partition import (
     assign_clients,
     device_dir,
@@ -159,14 +161,28 @@ def test_server_receives_no_event_no_user_id_and_no_personal_parameter(
     personal = _personal_rows(fedavg)
     n_users = dataset.sizes.users
 
+    # Adam's moments of the global parameters travel with them (--optimizer-state auto)
+    moments = set(optimizer_state.state_shapes({n: shapes[n] for n in expected_names}))
+    record = json.loads((fedavg.result.run_dir / "federated.json").read_text())
+    assert record["settings"]["optimizer_state"] == "shared"
+    assert all(any(m.endswith("." + n) for n in expected_names) for m in moments - {STEP})
+    shapes |= {m: shapes[m.split(".", 2)[2]] for m in moments - {STEP}} | {STEP: (1,)}
+
     train = [r for r in fedavg.wire.received if r.kind == "train"]
     others = [r for r in fedavg.wire.received if r.kind != "train"]
     assert len(train) == 2 * 3  # 2 rounds x 3 clients, every reply audited
     assert {r.kind for r in others} == {"evaluate", "train.personalize"}
-    assert fedavg.wire.sent_names == expected_names  # nothing personal goes out either
+    # nothing personal goes out either (the averaged moments go out from round 2 on, with
+    # training messages only)
+    assert fedavg.wire.sent_names == expected_names | moments
+    for (_, kind), sent in fedavg.wire.sent_arrays.items():
+        assert set(sent) == (expected_names | moments if kind == "train" else expected_names) or (
+            kind == "train" and set(sent) == expected_names  # round 1: fresh optimizers
+        ), kind
     for reply in train:
         names = {key.split("/", 1)[1] for key in reply.arrays}
-        assert names == expected_names and not names & personal_names
+        assert names == expected_names | moments and not names & personal_names
+        assert not {n.split(".", 2)[-1] for n in moments} & personal_names  # no personal moments
         assert reply.record_names == ["arrays", "metrics"] and not reply.configs
         assert set(reply.metrics) == {"metrics/num-examples", "metrics/train-loss"}
         for key, array in reply.arrays.items():
@@ -394,6 +410,7 @@ def test_local_dp_clips_every_update_and_fedprox_runs(
                     ((a.astype(np.float64) - sent[k.split("/", 1)[1]].reshape(a.shape)) ** 2).sum()
                 )
                 for k, a in reply.arrays.items()
+                if not k.split("/", 1)[1].startswith(optimizer_state.PREFIX)  # parameters only
             )
             norms.append(squared**0.5)
         return norms
@@ -417,6 +434,7 @@ def _train_updates(sim: Simulated, server_round: int) -> list[tuple[dict[str, np
         delta = {
             k.split("/", 1)[1]: a.astype(np.float64) - sent[k.split("/", 1)[1]].reshape(a.shape)
             for k, a in reply.arrays.items()
+            if not k.split("/", 1)[1].startswith(optimizer_state.PREFIX)  # parameters only
         }
         weight = next(v for k, v in reply.metrics.items() if k.endswith("num-examples"))
         updates.append((delta, float(weight)))
@@ -467,6 +485,26 @@ def test_central_dp_clips_on_clients_and_the_server_adds_the_noise(
     residual = _flat({k: second[k].astype(np.float64) - first[k] for k in first}) - mean
     assert np.std(residual) == pytest.approx(noise * clip / 3, rel=0.1)
     assert abs(np.mean(residual)) < 0.1 * noise * clip / 3
+
+
+@pytest.mark.slow
+def test_the_server_averages_the_clients_adam_moments_into_the_next_round(
+    fedavg: Simulated,
+) -> None:
+    """--optimizer-state shared: round 2 starts every client from the example-weighted mean
+    of the moments (and step counts) the clients sent in round 1, as for the parameters."""
+    replies = [r for r in fedavg.wire.received if r.kind == "train" and r.round == 1]
+    second = fedavg.wire.sent_arrays[(2, "train")]
+    weights = [next(v for k, v in r.metrics.items() if k.endswith("num-examples")) for r in replies]
+    moment_names = [n for n in second if n.startswith(optimizer_state.PREFIX)]
+    assert STEP in moment_names and len(moment_names) > 10
+    for name in moment_names:
+        arrays = [r.arrays[f"arrays/{name}"].astype(np.float64) for r in replies]
+        mean = sum(a * w for a, w in zip(arrays, weights, strict=True)) / sum(weights)
+        np.testing.assert_allclose(second[name].reshape(mean.shape), mean, rtol=1e-5, atol=1e-9)
+    # the clients took local steps, so the shared step count is theirs
+    assert float(second[STEP].ravel()[0]) >= 1.0
+    assert any(np.abs(second[n]).max() > 0 for n in moment_names if "exp_avg_sq" in n)
 
 
 # -- pieces without Flower ---------------------------------------------------------------------

@@ -32,6 +32,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--local-epochs", type=int, default=1, help="local epochs per round (1)")
     p.add_argument("--strategy", choices=STRATEGIES, default="fedavg")
     p.add_argument(
+        "--optimizer-state",
+        choices=("auto", "shared", "local"),
+        default="auto",
+        help="shared: clients send Adam's moments of the global parameters with them and start "
+        "each round from their average (3x the traffic; much better global models on non-IID "
+        "clients); local: a fresh optimizer every round; auto (default): shared for Adam/AdamW "
+        "without --dp-clip",
+    )
+    p.add_argument(
         "--proximal-mu", type=float, default=0.01, help="FedProx proximal weight mu (0.01)"
     )
     p.add_argument(
@@ -173,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
         patience=args.patience,
         select=args.select,
         personal_lr_scale=args.personal_lr_scale,
+        optimizer_state=args.optimizer_state,
         personal_epochs=args.personal_epochs,
         personal_lr=args.personal_lr,
         eval_fraction=args.eval_fraction,

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from tlsan.errors import RunError
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
     from flwr.app import Context, Message
     from flwr.clientapp import ClientApp
@@ -181,11 +182,16 @@ def local_epochs(
     generator: torch.Generator,
     after_epoch: Callable[[int], None] | None = None,
     personal_lr_scale: float = 1.0,
+    optimizer_state: Mapping[str, np.ndarray] | None = None,
+    state_out: dict[str, np.ndarray] | None = None,
 ) -> tuple[float, int]:
     """`epochs` passes of `tlsan.train.train_epoch` over the device's training examples,
     updating the parameters that require grad (one optimizer throughout; `after_epoch(e)` runs
     after pass e); returns (mean loss, examples seen). The personal parameters learn at
-    `personal_lr_scale` times the learning rate (their own param group)."""
+    `personal_lr_scale` times the learning rate (their own param group). The optimizer
+    starts from `optimizer_state` (the global parameters' averaged Adam moments) when given,
+    and `state_out` receives the moments after training (`tlsan.federated.optimizer_state`)."""
+    from tlsan.federated import optimizer_state as shared_state
     from tlsan.train import make_optimizer, train_epoch
 
     split = dataset.train
@@ -202,6 +208,8 @@ def local_epochs(
         group["params"] = [p for p in group["params"] if id(p) not in ids]
         if personal and personal_lr_scale > 0:
             optimizer.add_param_group({"params": personal, "lr": group["lr"] * personal_lr_scale})
+    if optimizer_state:
+        shared_state.load(optimizer, model, global_names(model), optimizer_state)
     total, seen = 0.0, 0
     for epoch in range(1, epochs + 1):
         stats = train_epoch(model, optimizer, split, config, generator)
@@ -209,6 +217,8 @@ def local_epochs(
         seen += stats.examples
         if after_epoch is not None:
             after_epoch(epoch)
+    if state_out is not None:
+        state_out.update(shared_state.export(optimizer, model, global_names(model)))
     return total / max(seen, 1), seen
 
 
@@ -276,6 +286,7 @@ class DeviceState:
     users: Tensor
     round: int
     seed: int
+    optimizer_state: dict[str, np.ndarray]  # received Adam moments (empty: start fresh)
 
 
 def _open(msg: Message, context: Context, settings: ClientSettings) -> DeviceState:
@@ -291,8 +302,11 @@ def _open(msg: Message, context: Context, settings: ClientSettings) -> DeviceSta
     device = device_path(context, settings)
     dataset = load_device(device)
     model = device_model(config, dataset)
+    from tlsan.federated import optimizer_state
+
     received = msg.content["arrays"]
-    set_global(model, {name: received[name].numpy() for name in received})
+    params, opt_state = optimizer_state.split({name: received[name].numpy() for name in received})
+    set_global(model, params)
     users = torch.from_numpy(device_users(device))
     names = model.personal_parameter_names()
     stored = load_personal(device, names, users)
@@ -309,6 +323,7 @@ def _open(msg: Message, context: Context, settings: ClientSettings) -> DeviceSta
         users,
         int(config_record.get("server-round", 0)),
         int(config_record.get("seed", config.seed)),
+        opt_state,
     )
 
 
@@ -337,7 +352,9 @@ def handle_train(msg: Message, context: Context, settings: ClientSettings) -> Me
     epochs = int(config_record.get("local-epochs", 1))
     mu = float(config_record.get("proximal-mu", 0.0))
     scale = float(config_record.get("personal-lr-scale", 1.0))
+    share = bool(config_record.get("share-optimizer-state", False))
     model = state.model
+    moments: dict[str, np.ndarray] = {}
     with proximal_term(model, global_names(model), mu):
         loss, seen = local_epochs(
             model,
@@ -346,9 +363,12 @@ def handle_train(msg: Message, context: Context, settings: ClientSettings) -> Me
             epochs=epochs,
             generator=_generator(state, context, 1),
             personal_lr_scale=scale,
+            optimizer_state=state.optimizer_state if share else None,
+            state_out=moments if share else None,
         )
     _save_personal(state)
-    arrays = ArrayRecord({k: Array(v) for k, v in get_global(model).items()})
+    reply = {**get_global(model), **moments}  # moments: empty unless shared
+    arrays = ArrayRecord({k: Array(v) for k, v in reply.items()})
     metrics = MetricRecord(
         {"num-examples": len(state.dataset.train), "train-loss": 0.0 if seen == 0 else loss}
     )

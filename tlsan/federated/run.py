@@ -31,6 +31,7 @@ from typing import Any
 
 from tlsan.config import TrainConfig, default_config
 from tlsan.errors import ConfigError, RunError
+from tlsan.federated import optimizer_state
 from tlsan.federated.partition import assign_clients, parse_client_unit, write_devices
 from tlsan.federated.server import RoundStats, ServerPlan, StrategySpec, WireLog
 
@@ -62,6 +63,7 @@ class FederateOptions:
     patience: int = 0  # rounds without validation improvement before stopping, 0 = never
     select: str = "valid"  # valid | folded: validation examples that pick rounds and epochs
     personal_lr_scale: float = 1.0  # personal rows' lr multiplier during rounds (0 = frozen)
+    optimizer_state: str = "auto"  # auto | shared | local: Adam's moments travel and average
     personal_epochs: int = 10
     personal_lr: float | None = None  # None: the training lr
     eval_fraction: float = 1.0
@@ -89,6 +91,11 @@ class FederateOptions:
             raise ConfigError(f"--personal-lr: expected > 0, got {self.personal_lr}")
         if self.client_cpus <= 0 or self.num_cpus < 0:
             raise ConfigError("--client-cpus must be > 0 and --num-cpus >= 0")
+        if self.optimizer_state not in optimizer_state.MODES:
+            raise ConfigError(
+                f"--optimizer-state: expected one of {', '.join(optimizer_state.MODES)}, got "
+                f"{self.optimizer_state!r}"
+            )
         if self.select not in SELECT:
             raise ConfigError(f"--select: expected one of {', '.join(SELECT)}, got {self.select!r}")
         parse_client_unit(self.client_unit)
@@ -265,6 +272,9 @@ def federate(
     dataset = load_dataset(Path(options.data))
     config, model, origin = _start_model(options, dataset)
     set_threads(config.threads)
+    share_state = optimizer_state.resolve(
+        options.optimizer_state, config.optimizer, options.dp_clip
+    )
     users_per_client = parse_client_unit(options.client_unit)
     partition = assign_clients(dataset.train.arrays.user.numpy(), users_per_client, config.seed)
     spec = StrategySpec(
@@ -317,6 +327,7 @@ def federate(
             "patience": options.patience,
             "select": options.select,
             "personal_lr_scale": options.personal_lr_scale,
+            "optimizer_state": "shared" if share_state else "local",
             "personal_epochs": options.personal_epochs,
             "personal_lr": personal_lr,
             "eval_fraction": options.eval_fraction,
@@ -343,6 +354,7 @@ def federate(
                 "train-config": config_json,
                 "local-epochs": options.local_epochs,
                 "personal-lr-scale": options.personal_lr_scale,
+                "share-optimizer-state": share_state,
                 "seed": config.seed,
             },
             personal_config={
@@ -358,6 +370,7 @@ def federate(
             select=f"{SELECT[options.select]}-ndcg@10",
             log=log,
             on_round=round_done,
+            share_optimizer_state=share_state,
         )
         client_settings = ClientSettings(
             devices_root=str(devices),

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tlsan.errors import ConfigError, RunError
+from tlsan.federated import optimizer_state
 from tlsan.federated.client import VALID_KEYS
 
 if TYPE_CHECKING:
@@ -160,7 +161,8 @@ def check_reply(
     msg: Message, expected: dict[str, tuple[int, ...]], metric_keys: frozenset[str]
 ) -> None:
     """Refuse a reply that carries anything but float32 arrays with exactly the names and
-    shapes of the global parameters, and the allowed scalar metrics."""
+    shapes of the global parameters (plus, when shared, their Adam moments: see
+    `tlsan.federated.optimizer_state`), and the allowed scalar metrics."""
     content = msg.content
     for rec, record in content.array_records.items():
         names = set(record.keys())
@@ -168,7 +170,7 @@ def check_reply(
             extra = sorted(names - set(expected)) or sorted(names)
             raise RunError(
                 f"federate: client reply {rec!r} carries arrays {extra}; expected exactly the "
-                "global parameters"
+                "global parameters (and, when shared, their optimizer state)"
             )
         for name, array in record.items():
             shape = tuple(array.shape)
@@ -411,6 +413,8 @@ class ServerPlan:
     # (valid-folded-ndcg@10: on the validation examples folded like test examples)
     patience: int = 0  # stop after this many rounds without improvement, 0 = never
     evaluate_start: bool = True  # also evaluate the starting parameters (round 0)
+    # clients also send (and get back, averaged) Adam's moments of the global parameters
+    share_optimizer_state: bool = False
     best_round: int = 0
     rounds_run: int = 0
 
@@ -463,15 +467,25 @@ def build_server_app(plan: ServerPlan) -> ServerApp:
         random.seed(plan.seed)  # Flower's node sampling uses the global `random`
         names = tuple(plan.initial)
         shapes = {name: tuple(np.shape(value)) for name, value in plan.initial.items()}
+        if plan.share_optimizer_state:
+            shapes.update(optimizer_state.state_shapes(shapes))
         strategy = metered(make_strategy(plan.spec), plan.log, shapes, plan.on_round)
         strategy.summary()
         initial = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in plan.initial.items()})
         arrays = run_rounds(grid, strategy, initial, plan)
         if plan.personalize:
-            plan.personal_metrics = run_personalization(grid, arrays, plan)
+            plan.personal_metrics = run_personalization(grid, parameters_only(arrays), plan)
         plan.result = {name: arrays[name].numpy() for name in names}
 
     return app
+
+
+def parameters_only(arrays: ArrayRecord) -> ArrayRecord:
+    """`arrays` without the optimizer state (evaluation and personalization need none)."""
+    from flwr.app import ArrayRecord
+
+    keep = {k: v for k, v in arrays.items() if not k.startswith(optimizer_state.PREFIX)}
+    return arrays if len(keep) == len(arrays) else ArrayRecord(keep)
 
 
 def run_rounds(
@@ -485,7 +499,8 @@ def run_rounds(
     eval_config = _config_record(plan.train_config)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> float | None:
-        messages = strategy.configure_evaluate(server_round, arrays, eval_config, grid)
+        params = parameters_only(arrays)  # evaluation needs no optimizer state
+        messages = strategy.configure_evaluate(server_round, params, eval_config, grid)
         metrics = strategy.aggregate_evaluate(server_round, grid.send_and_receive(messages))
         if metrics is None or plan.select not in metrics:
             return None
