@@ -5,7 +5,9 @@ examples and its personal parameters. Per message it
 - `train`: loads the global parameters it was sent and its personal rows, trains both on its
   own examples for `local-epochs` (the personal rows at `personal-lr-scale` times the learning
   rate; FedProx's proximal term on the global ones), saves the personal rows back to disk and
-  replies with the global parameters and two numbers (`num-examples`, `train-loss`);
+  replies with the global parameters and two numbers (`num-examples`, `train-loss`); with
+  `share-optimizer-state` its Adam starts from the averaged moments it was sent and the reply
+  also carries the global parameters' moments (`tlsan.federated.optimizer_state`);
 - `evaluate`: scores its own validation examples with the global parameters and its personal
   rows (full ranking, history excluded), as given and folded (`folded_split`: the current
   session moved into the long-term history, as in most test examples), and replies with

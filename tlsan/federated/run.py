@@ -5,7 +5,8 @@
    each client's device dir (its own data only), provisioned with its starting personal rows:
    the central run's rows, or neutral rows (the mean user embedding and mean P) from scratch.
 3. Flower simulation (Ray backend): the ServerApp runs the strategy over the *global*
-   parameters for R rounds (C clients each, E local epochs, per-round federated validation on
+   parameters (and, with `--optimizer-state` shared, their Adam moments) for R rounds (C
+   clients each, E local epochs, per-round federated validation on
    the validation examples as given and folded like test examples; `select` says which picks
    the round), then sends that round's global parameters to every client to fine-tune its
    personal rows.
