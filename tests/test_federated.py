@@ -343,11 +343,12 @@ def test_cli_select_folded_and_session_fold_reach_the_run(tiny_data: Path, tmp_p
         ["federate", "--data", str(tiny_data), "--out", str(out), "--rounds", "2",
          "--clients-per-round", "2", "--client-unit", "cohort:10", "--config", str(config),
          "--select", "folded", "--session-fold", "0.25", "--personal-epochs", "1",
-         "--no-mlflow", "--no-progress"]
+         "--optimizer-state", "local", "--no-mlflow", "--no-progress"]
     )  # fmt: skip
     assert code == 0
     federated = json.loads((out / "federated.json").read_text())
     assert federated["settings"]["select"] == "folded"
+    assert federated["settings"]["optimizer_state"] == "local"
     folded = {r["round"]: r["valid"]["folded-ndcg@10"] for r in federated["rounds"]}
     assert folded[federated["best_round"]] == max(folded.values())
     assert json.loads((out / "config.json").read_text())["config"]["session_fold"] == 0.25
@@ -608,6 +609,10 @@ def test_strategy_factory() -> None:
         (["--dp-noise", "1.0"], "--dp-noise"),
         (["--rounds", "0"], "--rounds"),
         (["--personal-lr", "-1"], "--personal-lr"),
+        (
+            ["--optimizer-state", "shared", "--dp-clip", "0.1", "--dp-noise", "0.1"],
+            "--optimizer-state",
+        ),
     ],
 )
 def test_cli_rejects_bad_flags_with_one_line(
