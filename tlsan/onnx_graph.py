@@ -7,7 +7,7 @@ batches stay on PyTorch, whose kernels are the faster ones there (see `DEFAULT_M
 
 The graph takes the padded arrays of a `tlsan.data.Batch` with the long-term window cut or
 left-padded to exactly `long_window` positions (the model looks at no more) and at least one
-short-term position (padding is masked either way); `GraphInputs.of` makes them. Outputs
+short-term position (padding is masked either way); `graph_inputs` makes them. Outputs
 match PyTorch's to float32 rounding; `OnnxUserVectors.check` verifies that on load.
 """
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,36 +33,28 @@ DEFAULT_MAX_BATCH = 8  # measured: ONNX Runtime ahead up to ~8 rows, PyTorch ahe
 MAX_EXPORT_BYTES = 1 << 30  # one protobuf holds at most 2 GiB; larger models serve on PyTorch
 
 
-@dataclass(frozen=True)
-class GraphInputs:
+def graph_inputs(batch: Batch, long_window: int) -> dict[str, np.ndarray]:
     """The graph's inputs as contiguous NumPy arrays (int64 indices, float32 `long_tau`)."""
-
-    arrays: dict[str, np.ndarray]
-
-    @classmethod
-    def of(cls, batch: Batch, long_window: int) -> GraphInputs:
-        long_items, long_tau = batch.long_items.numpy(), batch.long_tau.numpy()
-        width = long_items.shape[1]
-        if width >= long_window:
-            long_items, long_tau = (
-                long_items[:, width - long_window :],
-                long_tau[:, width - long_window :],
-            )
-        else:  # pad on the left (the older side), as the model itself does
-            pad = ((0, 0), (long_window - width, 0))
-            long_items, long_tau = np.pad(long_items, pad), np.pad(long_tau, pad)
-        short = batch.short_items.numpy()
-        if short.shape[1] == 0:
-            short = np.zeros((short.shape[0], 1), np.int64)
-        return cls(
-            {
-                "user": batch.user.numpy(),
-                "long_items": np.ascontiguousarray(long_items, np.int64),
-                "long_tau": np.ascontiguousarray(long_tau, np.float32),
-                "short_items": np.ascontiguousarray(short, np.int64),
-                "user_category": batch.user_category.numpy(),
-            }
+    long_items, long_tau = batch.long_items.numpy(), batch.long_tau.numpy()
+    width = long_items.shape[1]
+    if width >= long_window:
+        long_items, long_tau = (
+            long_items[:, width - long_window :],
+            long_tau[:, width - long_window :],
         )
+    else:  # pad on the left (the older side), as the model itself does
+        pad = ((0, 0), (long_window - width, 0))
+        long_items, long_tau = np.pad(long_items, pad), np.pad(long_tau, pad)
+    short = batch.short_items.numpy()
+    if short.shape[1] == 0:
+        short = np.zeros((short.shape[0], 1), np.int64)
+    return {
+        "user": batch.user.numpy(),
+        "long_items": np.ascontiguousarray(long_items, np.int64),
+        "long_tau": np.ascontiguousarray(long_tau, np.float32),
+        "short_items": np.ascontiguousarray(short, np.int64),
+        "user_category": batch.user_category.numpy(),
+    }
 
 
 class _UserVectors(nn.Module):
@@ -124,7 +115,7 @@ def export_user_vectors(model: TLSAN, path: Path) -> None:
     model.eval()
     model.freeze()
     example = probe_batch(model, rows=2)
-    inputs = GraphInputs.of(example, model.config.long_window).arrays
+    inputs = graph_inputs(example, model.config.long_window)
     args = tuple(torch.from_numpy(inputs[name]) for name in INPUT_NAMES)
     batch, session = torch.export.Dim("batch"), torch.export.Dim("session")
     dynamic = ({0: batch}, {0: batch}, {0: batch}, {0: batch, 1: session}, {0: batch})
@@ -184,7 +175,7 @@ class OnnxUserVectors:
 
     def __call__(self, batch: Batch) -> np.ndarray:
         """(B, D + 1) float32 user vectors `[u_t ; 1]`."""
-        arrays = GraphInputs.of(batch, self.long_window).arrays
+        arrays = graph_inputs(batch, self.long_window)
         return self.session.run(None, arrays)[0]
 
     def check(self, model: TLSAN, *, atol: float = 1e-5) -> None:

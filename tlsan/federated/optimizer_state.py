@@ -29,10 +29,15 @@ MODES = ("auto", "shared", "local")
 ADAPTIVE = ("adam", "adamw")
 
 
-def resolve(mode: str, optimizer: str, dp_clip: float) -> bool:
-    """Whether the moments travel: `auto` shares them for Adam/AdamW without DP."""
+def check_mode(mode: str) -> None:
+    """`--optimizer-state` must be one of `MODES`."""
     if mode not in MODES:
         raise ConfigError(f"--optimizer-state: expected one of {', '.join(MODES)}, got {mode!r}")
+
+
+def resolve(mode: str, optimizer: str, dp_clip: float) -> bool:
+    """Whether the moments travel: `auto` shares them for Adam/AdamW without DP."""
+    check_mode(mode)
     if mode == "local":
         return False
     problem = None

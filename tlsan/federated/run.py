@@ -92,11 +92,7 @@ class FederateOptions:
             raise ConfigError(f"--personal-lr: expected > 0, got {self.personal_lr}")
         if self.client_cpus <= 0 or self.num_cpus < 0:
             raise ConfigError("--client-cpus must be > 0 and --num-cpus >= 0")
-        if self.optimizer_state not in optimizer_state.MODES:
-            raise ConfigError(
-                f"--optimizer-state: expected one of {', '.join(optimizer_state.MODES)}, got "
-                f"{self.optimizer_state!r}"
-            )
+        optimizer_state.check_mode(self.optimizer_state)
         if self.select not in SELECT:
             raise ConfigError(f"--select: expected one of {', '.join(SELECT)}, got {self.select!r}")
         parse_client_unit(self.client_unit)
