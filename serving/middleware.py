@@ -39,7 +39,8 @@ async def _json_response(send: Send, status: int, body: dict[str, Any]) -> None:
 class RequestGuard:
     """Limit POST bodies on `paths` to `max_body_bytes` and parse them as JSON.
 
-    The body is read here (BentoML buffers it whole anyway) so that an oversized one is
+    A JSON body with a Content-Length within the limit passes straight through; any other
+    body is read here (BentoML buffers it whole anyway) so that an oversized chunked one is
     answered before the service sees it. Multipart and pickle bodies are refused: BentoML
     would decode them with other serializers. Any other content type (curl's default
     form-urlencoded, text/plain, none) is treated as JSON, so a JSON body sent without the
@@ -78,6 +79,11 @@ class RequestGuard:
         declared = dict(headers).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:
             await self._too_large(send, int(declared))
+            return
+        if declared.isdigit() and kind == b"application/json":
+            # The common case needs no buffering: the HTTP parser delivers exactly the
+            # declared length, and the content type already routes BentoML to JSON.
+            await self.app(scope, receive, send)
             return
         chunks: list[bytes] = []
         size = 0

@@ -306,6 +306,23 @@ def test_bad_input_gets_a_4xx_json_body_naming_the_field(server: BentoServer) ->
         assert "error" in data or status == 200  # 200: an unknown (huge) item id is ignored
     multipart = httpx.post(f"{server.url}/recommend", files={"user_id": b"u"})
     assert multipart.status_code == 415
+
+    def chunked(body: bytes, size: int = 65_536) -> Iterator[bytes]:
+        """No Content-Length: the guard counts the bytes as they stream in."""
+        yield from (body[i : i + size] for i in range(0, len(body), size))
+
+    huge = b'{"user_id": "' + b"x" * 2_000_000 + b'"}'
+    streamed = httpx.post(f"{server.url}/recommend", content=chunked(huge))
+    assert streamed.status_code == 413 and "body" in json.dumps(streamed.json())
+    small = httpx.post(f"{server.url}/recommend", content=chunked(b'{"user_id": "u", "k": 3}'))
+    assert small.status_code == 200 and len(small.json()["items"]) == 3
+    # JSON sent as text/plain (or curl's default form type) is still read as JSON
+    plain = httpx.post(
+        f"{server.url}/recommend",
+        content=b'{"user_id": "u", "k": 2}',
+        headers={"content-type": "text/plain"},
+    )
+    assert plain.status_code == 200 and len(plain.json()["items"]) == 2
     assert httpx.get(f"{server.url}/recommend").status_code == 405
     # The server is still fine afterwards.
     assert post(server, "/recommend", {"user_id": "still-alive"}).status_code == 200
