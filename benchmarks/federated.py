@@ -235,6 +235,7 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
             personal_lr_scale=args.personal_lr_scale,
             optimizer_state=args.optimizer_state,
             patience=args.patience,
+            lr_decay=args.lr_decay,
             select=args.select,
             mlflow=False,
             progress=not args.quiet,
@@ -310,6 +311,7 @@ def main() -> None:
     q.add_argument("--personal-lr", type=float, help="fine-tuning lr (default: --lr)")
     q.add_argument("--personal-lr-scale", type=float, default=1.0)
     q.add_argument("--patience", type=int, default=5, help="rounds without improvement")
+    q.add_argument("--lr-decay", type=float, default=1.0, help="lr factor after a bad round")
     q.add_argument(
         "--select",
         choices=["valid", "folded"],

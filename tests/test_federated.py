@@ -36,7 +36,12 @@ from tlsan.federated.partition import (
     parse_client_unit,
     write_devices,
 )
-from tlsan.federated.personal import PERSONAL_FILE, load_personal, save_personal
+from tlsan.federated.personal import (
+    PERSONAL_FILE,
+    PERSONAL_STATE_FILE,
+    load_personal,
+    save_personal,
+)
 from tlsan.federated.run import FederateOptions, FederateResult, federate
 from tlsan.federated.server import WEIGHT_KEY, StrategySpec, WireLog, make_strategy
 from tlsan.run_dir import load_run
@@ -209,17 +214,30 @@ def test_personal_parameters_stay_on_devices_and_end_up_in_the_run_dir(
     devices = sorted(p for p in (fedavg.work / "devices").iterdir() if p.is_dir())
     assert len(devices) == fedavg.result.clients == 8  # 40 users in cohorts of 5
     covered: list[int] = []
+    trained_devices = 0
     for device in devices:
         users = torch.from_numpy(device_users(device))
         stored = load_personal(device, ("E_u.weight", "P"), users)
         assert torch.equal(stored["E_u.weight"], state["E_u.weight"][users])
         assert torch.equal(stored["P"], state["P"][users])
         covered += users.tolist()
+        # shared optimizer state: the rows' Adam moments stay on the device between rounds
+        moments = device / PERSONAL_STATE_FILE
+        if moments.exists():  # (a client may sit out both rounds)
+            kept = load_personal(
+                device,
+                [STEP, *optimizer_state.moment_names("E_u.weight")],
+                users,
+                file=PERSONAL_STATE_FILE,
+            )
+            assert kept[STEP].min() >= 1 and kept["opt.exp_avg_sq.E_u.weight"].abs().max() > 0
+            trained_devices += 1
         events = pl.read_parquet(device / "events.parquet")
         assert set(events["user"].unique().to_list()) <= set(users.tolist())
         assert not (device / "examples" / "test.parquet").exists()
     train_users = sorted(set(load_dataset(tiny_data).train.arrays.user.tolist()))
     assert sorted(covered) == train_users
+    assert trained_devices >= 3  # 3 clients per round
     # trained: the clients' rows moved away from the neutral rows every user started from; a
     # user who is no client's (no training example) keeps them
     idle = sorted(set(range(1, N_USERS + 1)) - set(covered))
@@ -298,6 +316,50 @@ def test_patience_stops_after_rounds_without_improvement(tmp_path: Path, tiny_da
     chosen = sim.wire.sent_arrays[(7, "train.personalize")]
     evaluated = sim.wire.sent_arrays[(best, "evaluate")]
     assert all(np.array_equal(chosen[k], evaluated[k]) for k in chosen)
+
+
+@pytest.mark.slow
+def test_lr_decay_scales_the_clients_steps_after_rounds_without_improvement(
+    tmp_path: Path, tiny_data: Path
+) -> None:
+    """`lr_decay` (`--lr-decay`): every round without validation improvement multiplies the
+    learning rate of the following rounds, the server sends it as `lr-scale`, and the clients'
+    Adam steps shrink with it (Adam's step size is the learning rate)."""
+    decay = 0.01
+    sim = _simulate(
+        tmp_path,
+        tiny_data,
+        rounds=8,
+        lr_decay=decay,
+        personal_epochs=1,
+        mlflow=False,
+        config=CONFIG.override(lr=1e-1),  # large steps: rounds without improvement come early
+    )
+    federated = json.loads((sim.result.run_dir / "federated.json").read_text())
+    assert federated["settings"]["lr_decay"] == decay
+    rounds = federated["rounds"]
+    best = rounds[0]["valid"]["ndcg@10"]  # round 0: the starting parameters
+    expected, scale = {}, 1.0
+    for r in rounds[1:]:
+        expected[r["round"]] = scale
+        if r["valid"]["ndcg@10"] > best:
+            best = r["valid"]["ndcg@10"]
+        else:
+            scale *= decay
+    assert {r["round"]: r["lr_scale"] for r in rounds[1:]} == pytest.approx(expected)
+
+    def step(r: int) -> float:
+        """Mean |change| of the global parameters over round r."""
+        before, after = sim.wire.sent_arrays[(r, "train")], sim.wire.sent_arrays[(r + 1, "train")]
+        names = [n for n in before if not n.startswith(optimizer_state.PREFIX)]
+        return float(np.mean([np.abs(after[n] - before[n]).mean() for n in names]))
+
+    steps = {r: step(r) for r in range(1, 8)}
+    full = [s for r, s in steps.items() if expected[r] == 1.0]
+    decayed = [s for r, s in steps.items() if expected[r] < 1.0]
+    assert full and decayed  # this run has rounds at both rates
+    # Steps vary a few-fold from round to round at one rate; 100x smaller is the decay's
+    assert max(decayed) < 0.1 * min(full)
 
 
 @pytest.mark.slow

@@ -84,6 +84,46 @@ def test_a_client_starting_from_exported_moments_continues_the_same_adam() -> No
     )
 
 
+def test_a_device_keeping_its_personal_moments_continues_the_same_adam_on_its_rows() -> None:
+    """The personal rows' moments stay on the device between rounds (`export_rows` /
+    `load_rows`): with them and the shared global moments, a device's next step equals
+    central Adam's on its users' rows; a fresh Adam for the personal rows steps elsewhere."""
+    original = _model()
+    opt = make_optimizer(original, CONFIG)
+    for seed in range(3):
+        _step(original, opt, seed)
+    users = torch.arange(1, SIZES.users)  # the users the batches draw from
+    personal = original.personal_parameter_names()
+    rows = optimizer_state.export_rows(opt, original, personal, users)
+    assert set(rows) == {
+        optimizer_state.STEP,
+        *(m for name in personal for m in optimizer_state.moment_names(name)),
+    }
+    assert rows[optimizer_state.STEP].tolist() == [3.0] * len(users)  # one row per user
+    shared = optimizer_state.export(opt, original, global_names(original))
+    start = {k: v.clone() for k, v in original.state_dict().items()}
+
+    def next_step(keep_rows: bool) -> dict[str, torch.Tensor]:
+        client = _model()
+        client.load_state_dict(start)
+        client_opt = make_optimizer(client, CONFIG)
+        optimizer_state.load(client_opt, client, global_names(client), shared)
+        if keep_rows:
+            optimizer_state.load_rows(client_opt, client, personal, users, rows)
+        _step(client, client_opt, 99)
+        return {
+            name: p.detach()[users] for name, p in client.named_parameters() if name in personal
+        }
+
+    _step(original, opt, 99)
+    params = dict(original.named_parameters())
+    expected = {name: params[name].detach()[users] for name in personal}
+    kept, fresh = next_step(keep_rows=True), next_step(keep_rows=False)
+    for name in personal:
+        torch.testing.assert_close(kept[name], expected[name], rtol=0, atol=1e-7)
+    assert any(not torch.allclose(fresh[name], expected[name]) for name in personal)
+
+
 def test_only_global_parameters_have_moments_on_the_wire() -> None:
     model = _model()
     opt = make_optimizer(model, CONFIG)

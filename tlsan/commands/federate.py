@@ -76,6 +76,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "the global model of the best round is kept either way (5)",
     )
     p.add_argument(
+        "--lr-decay",
+        type=float,
+        default=1.0,
+        help="multiply the clients' learning rate by this factor after every round without "
+        "federated validation improvement, as ReduceLROnPlateau does centrally (1 = off) (1)",
+    )
+    p.add_argument(
         "--select",
         choices=("valid", "folded"),
         default="valid",
@@ -180,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
         dp_mode=args.dp_mode,
         client_unit=args.client_unit,
         patience=args.patience,
+        lr_decay=args.lr_decay,
         select=args.select,
         personal_lr_scale=args.personal_lr_scale,
         optimizer_state=args.optimizer_state,

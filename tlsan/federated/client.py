@@ -7,7 +7,8 @@ examples and its personal parameters. Per message it
   rate; FedProx's proximal term on the global ones), saves the personal rows back to disk and
   replies with the global parameters and two numbers (`num-examples`, `train-loss`); with
   `share-optimizer-state` its Adam starts from the averaged moments it was sent and the reply
-  also carries the global parameters' moments (`tlsan.federated.optimizer_state`);
+  also carries the global parameters' moments (`tlsan.federated.optimizer_state`), while the
+  personal rows' moments stay on the device from round to round, as their rows do;
 - `evaluate`: scores its own validation examples with the global parameters and its personal
   rows (full ranking, history excluded), as given and folded (`folded_split`: the current
   session moved into the long-term history, as in most test examples), and replies with
@@ -186,13 +187,18 @@ def local_epochs(
     personal_lr_scale: float = 1.0,
     optimizer_state: Mapping[str, np.ndarray] | None = None,
     state_out: dict[str, np.ndarray] | None = None,
+    users: Tensor | None = None,
+    personal_state: Mapping[str, Tensor] | None = None,
+    personal_state_out: dict[str, Tensor] | None = None,
 ) -> tuple[float, int]:
     """`epochs` passes of `tlsan.train.train_epoch` over the device's training examples,
     updating the parameters that require grad (one optimizer throughout; `after_epoch(e)` runs
     after pass e); returns (mean loss, examples seen). The personal parameters learn at
     `personal_lr_scale` times the learning rate (their own param group). The optimizer
     starts from `optimizer_state` (the global parameters' averaged Adam moments) when given,
-    and `state_out` receives the moments after training (`tlsan.federated.optimizer_state`)."""
+    and `state_out` receives the moments after training (`tlsan.federated.optimizer_state`);
+    likewise `personal_state` / `personal_state_out` for the personal rows of `users`, which
+    the device keeps between rounds."""
     from tlsan.federated import optimizer_state as shared_state
     from tlsan.train import make_optimizer, train_epoch
 
@@ -212,6 +218,9 @@ def local_epochs(
             optimizer.add_param_group({"params": personal, "lr": group["lr"] * personal_lr_scale})
     if optimizer_state:
         shared_state.load(optimizer, model, global_names(model), optimizer_state)
+    personal_names = model.personal_parameter_names()
+    if personal_state and users is not None:
+        shared_state.load_rows(optimizer, model, personal_names, users, personal_state)
     total, seen = 0.0, 0
     for epoch in range(1, epochs + 1):
         stats = train_epoch(model, optimizer, split, config, generator)
@@ -221,6 +230,8 @@ def local_epochs(
             after_epoch(epoch)
     if state_out is not None:
         state_out.update(shared_state.export(optimizer, model, global_names(model)))
+    if personal_state_out is not None and users is not None:
+        personal_state_out.update(shared_state.export_rows(optimizer, model, personal_names, users))
     return total / max(seen, 1), seen
 
 
@@ -345,6 +356,26 @@ def _save_personal(state: DeviceState) -> None:
     save_personal(state.device, state.users, state.model.get_personal(state.users))
 
 
+def _personal_moments(state: DeviceState) -> dict[str, Tensor]:
+    """The personal rows' Adam moments this device kept from its last round (none before its
+    first)."""
+    from tlsan.federated import optimizer_state
+    from tlsan.federated.personal import PERSONAL_STATE_FILE, USERS_KEY, load_personal
+
+    if not (state.device / PERSONAL_STATE_FILE).is_file():
+        return {}
+    names = [
+        state_name
+        for name in state.model.personal_parameter_names()
+        for state_name in optimizer_state.moment_names(name)
+    ]
+    stored = load_personal(
+        state.device, [*names, optimizer_state.STEP], state.users, file=PERSONAL_STATE_FILE
+    )
+    stored.pop(USERS_KEY)
+    return stored
+
+
 def handle_train(msg: Message, context: Context, settings: ClientSettings) -> Message:
     """Local training of global + personal parameters; only the global ones are returned."""
     from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
@@ -355,20 +386,30 @@ def handle_train(msg: Message, context: Context, settings: ClientSettings) -> Me
     mu = float(config_record.get("proximal-mu", 0.0))
     scale = float(config_record.get("personal-lr-scale", 1.0))
     share = bool(config_record.get("share-optimizer-state", False))
+    lr_scale = float(config_record.get("lr-scale", 1.0))
     model = state.model
     moments: dict[str, np.ndarray] = {}
+    kept = _personal_moments(state) if share else {}
+    personal_moments: dict[str, Tensor] = {}
     with proximal_term(model, global_names(model), mu):
         loss, seen = local_epochs(
             model,
             state.dataset,
-            state.config,
+            state.config.override(lr=state.config.lr * lr_scale),
             epochs=epochs,
             generator=_generator(state, context, 1),
             personal_lr_scale=scale,
             optimizer_state=state.optimizer_state if share else None,
             state_out=moments if share else None,
+            users=state.users,
+            personal_state=kept,
+            personal_state_out=personal_moments if share else None,
         )
     _save_personal(state)
+    if personal_moments:
+        from tlsan.federated.personal import PERSONAL_STATE_FILE, save_personal
+
+        save_personal(state.device, state.users, personal_moments, file=PERSONAL_STATE_FILE)
     reply = {**get_global(model), **moments}  # moments: empty unless shared
     arrays = ArrayRecord({k: Array(v) for k, v in reply.items()})
     metrics = MetricRecord(
@@ -425,6 +466,8 @@ def handle_personalize(msg: Message, context: Context, settings: ClientSettings)
             epochs=epochs,
             generator=_generator(state, context, 2),
             after_epoch=keep_best if len(state.dataset.valid) else None,
+            users=state.users,
+            personal_state=_personal_moments(state),  # Adam continues, as in the rounds
         )
     finally:
         for param in model.parameters():

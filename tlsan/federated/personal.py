@@ -21,14 +21,18 @@ from torch import Tensor
 from tlsan.errors import RunError
 
 PERSONAL_FILE = "personal.safetensors"
+# Adam's moments of the personal rows between rounds (`--optimizer-state shared`), same layout
+PERSONAL_STATE_FILE = "personal_optimizer.safetensors"
 USERS_KEY = "users"
 
 
-def save_personal(device: Path, users: Tensor, values: dict[str, Tensor]) -> Path:
-    """Atomically write a device's personal rows."""
+def save_personal(
+    device: Path, users: Tensor, values: dict[str, Tensor], file: str = PERSONAL_FILE
+) -> Path:
+    """Atomically write a device's personal rows (or their optimizer state: `file`)."""
     from safetensors.torch import save_file
 
-    path = Path(device) / PERSONAL_FILE
+    path = Path(device) / file
     tensors = {USERS_KEY: users.to(torch.int64).contiguous()}
     for name, value in values.items():
         if value.shape[0] != users.shape[0]:
@@ -44,13 +48,14 @@ def save_personal(device: Path, users: Tensor, values: dict[str, Tensor]) -> Pat
 
 
 def load_personal(
-    device: Path, names: Iterable[str], users: Tensor | None = None
+    device: Path, names: Iterable[str], users: Tensor | None = None, file: str = PERSONAL_FILE
 ) -> dict[str, Tensor]:
-    """A device's personal rows, checked against the expected parameter names and users."""
+    """A device's personal rows (or their optimizer state: `file`), checked against the
+    expected names and users."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = Path(device) / PERSONAL_FILE
+    path = Path(device) / file
     if not path.is_file():
         raise RunError(f"{path}: missing; the device was never provisioned with personal rows")
     try:

@@ -62,6 +62,7 @@ class FederateOptions:
     dp_mode: str = "local"
     client_unit: str = "user"
     patience: int = 0  # rounds without validation improvement before stopping, 0 = never
+    lr_decay: float = 1.0  # clients' lr multiplier after each round without improvement
     select: str = "valid"  # valid | folded: validation examples that pick rounds and epochs
     personal_lr_scale: float = 1.0  # personal rows' lr multiplier during rounds (0 = frozen)
     optimizer_state: str = "auto"  # auto | shared | local: Adam's moments travel and average
@@ -86,6 +87,8 @@ class FederateOptions:
             raise ConfigError(f"--personal-lr-scale: expected >= 0, got {self.personal_lr_scale}")
         if self.patience < 0:
             raise ConfigError(f"--patience: expected >= 0, got {self.patience}")
+        if not 0.0 < self.lr_decay <= 1.0:
+            raise ConfigError(f"--lr-decay: expected a factor in (0, 1], got {self.lr_decay}")
         if self.personal_epochs < 0:
             raise ConfigError(f"--personal-epochs: expected >= 0, got {self.personal_epochs}")
         if self.personal_lr is not None and self.personal_lr <= 0:
@@ -322,6 +325,7 @@ def federate(
             "dp_noise": options.dp_noise,
             "dp_mode": options.dp_mode if options.dp_clip > 0 else "off",
             "patience": options.patience,
+            "lr_decay": options.lr_decay,
             "select": options.select,
             "personal_lr_scale": options.personal_lr_scale,
             "optimizer_state": "shared" if share_state else "local",
@@ -364,6 +368,7 @@ def federate(
             seed=config.seed,
             personalize=True,
             patience=options.patience,
+            lr_decay=options.lr_decay,
             select=f"{SELECT[options.select]}-ndcg@10",
             log=log,
             on_round=round_done,

@@ -51,6 +51,7 @@ class RoundStats:
     train_loss: float = float("nan")
     valid: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    lr_scale: float = 1.0  # the clients' learning rate that round, relative to the config's
 
     def metrics(self) -> dict[str, float]:
         """MLflow metrics of the round; round 0 (the starting parameters) has only
@@ -64,6 +65,7 @@ class RoundStats:
             "bytes_received": float(self.bytes_received),
             "train_loss": self.train_loss,
             "round_seconds": self.seconds,
+            "lr_scale": self.lr_scale,
         }
         out.update(valid)
         return out
@@ -412,6 +414,8 @@ class ServerPlan:
     select: str = "valid-ndcg@10"  # federated validation metric that picks the round
     # (valid-folded-ndcg@10: on the validation examples folded like test examples)
     patience: int = 0  # stop after this many rounds without improvement, 0 = never
+    # after a round without improvement the clients' learning rate is multiplied by this
+    lr_decay: float = 1.0
     evaluate_start: bool = True  # also evaluate the starting parameters (round 0)
     # clients also send (and get back, averaged) Adam's moments of the global parameters
     share_optimizer_state: bool = False
@@ -494,8 +498,9 @@ def run_rounds(
     """Flower's round loop (as in `Strategy.start`: configure, send, aggregate; train, then
     evaluate), plus checkpoint selection: the global parameters of the round with the best
     federated validation `plan.select` (round 0 = the starting parameters) win, and with
-    `plan.patience` the loop stops after that many rounds without improvement."""
-    train_config = _config_record(plan.train_config)
+    `plan.patience` the loop stops after that many rounds without improvement. Every round
+    without improvement also multiplies the clients' learning rate by `plan.lr_decay` (sent
+    as `lr-scale`), as a central `ReduceLROnPlateau` with patience 1 would."""
     eval_config = _config_record(plan.train_config)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> float | None:
@@ -509,8 +514,10 @@ def run_rounds(
 
     arrays = initial
     best, best_value = initial, evaluate(0, initial) if plan.evaluate_start else None
-    plan.best_round, bad = 0, 0
+    plan.best_round, bad, lr_scale = 0, 0, 1.0
     for server_round in range(1, plan.rounds + 1):
+        plan.log.stats(server_round).lr_scale = lr_scale
+        train_config = _config_record({**plan.train_config, "lr-scale": lr_scale})
         messages = strategy.configure_train(server_round, arrays, train_config, grid)
         aggregated, _ = strategy.aggregate_train(server_round, grid.send_and_receive(messages))
         if aggregated is not None:
@@ -520,6 +527,7 @@ def run_rounds(
             best, best_value, plan.best_round, bad = arrays, value, server_round, 0
         else:
             bad += 1
+            lr_scale *= plan.lr_decay
         if plan.patience and bad >= plan.patience:
             break
     plan.rounds_run = server_round
