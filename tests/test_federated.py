@@ -40,7 +40,11 @@ from tlsan.federated.personal import (
     PERSONAL_FILE,
     PERSONAL_STATE_FILE,
     load_personal,
+    prune_snapshots,
+    restore_personal,
     save_personal,
+    snapshot_personal,
+    snapshot_rounds,
 )
 from tlsan.federated.run import FederateOptions, FederateResult, federate
 from tlsan.federated.server import WEIGHT_KEY, StrategySpec, WireLog, make_strategy
@@ -316,6 +320,11 @@ def test_patience_stops_after_rounds_without_improvement(tmp_path: Path, tiny_da
     chosen = sim.wire.sent_arrays[(7, "train.personalize")]
     evaluated = sim.wire.sent_arrays[(best, "evaluate")]
     assert all(np.array_equal(chosen[k], evaluated[k]) for k in chosen)
+    # ...and the devices fine-tune the personal rows that scored with it in that round, not
+    # the ones the rounds after it trained further
+    before = sim.result.personalization["valid-ndcg@10-before"]
+    assert before == pytest.approx(values[best], rel=1e-6, abs=1e-9)
+    assert not list((sim.work / "devices").glob("*/snapshots"))  # dropped once used
 
 
 @pytest.mark.slow
@@ -620,6 +629,26 @@ def test_each_device_holds_only_its_own_users_data(tiny_data: Path, tmp_path: Pa
         "valid": int(torch.isin(full.valid.arrays.user, clients).sum()),
     }
     assert total["valid"] < len(full.valid)  # a user without training examples is no client
+
+
+def test_snapshots_give_back_the_rows_of_the_chosen_round(tmp_path: Path) -> None:
+    """A device snapshots its personal files after each training round; the rows that go with
+    round r are those of its latest snapshot at or before r (it trains only when sampled)."""
+    users = torch.tensor([3, 7])
+
+    def save(value: float) -> None:
+        save_personal(tmp_path, users, {"P": torch.full((2, 4), value)})
+
+    assert restore_personal(tmp_path, 5) is None  # never trained: the rows stay
+    for r in (0, 2, 5, 6):
+        save(float(r))
+        snapshot_personal(tmp_path, r)
+    save(9.0)  # a later round's training, not snapshotted yet
+    prune_snapshots(tmp_path, best_round=3)  # round 3's rows are round 2's; earlier ones go
+    assert snapshot_rounds(tmp_path) == [2, 5, 6]
+    assert restore_personal(tmp_path, 4) == 2
+    assert float(load_personal(tmp_path, ["P"], users)["P"].max()) == 2.0
+    assert snapshot_rounds(tmp_path) == []  # used once, then dropped
 
 
 def test_personal_file_round_trip_and_errors(tmp_path: Path) -> None:

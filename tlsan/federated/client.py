@@ -13,8 +13,10 @@ examples and its personal parameters. Per message it
   rows (full ranking, history excluded), as given and folded (`folded_split`: the current
   session moved into the long-term history, as in most test examples), and replies with
   metrics only;
-- `train.personalize`: freezes the global parameters, fine-tunes only its personal rows for up
-  to `personal-epochs`, keeps the epoch that scores best on its own (plain or folded)
+- `train.personalize`: puts back its personal rows as they were after the server's chosen
+  round (`best-round`; the device snapshots them after every training round, keeping only
+  what that choice can still need), freezes the global parameters, fine-tunes only its
+  personal rows for up to `personal-epochs`, keeps the epoch that scores best on its own (plain or folded)
   validation examples (on disk) and replies with metrics only.
 
 Which directory: `node_config["device-dir"]` on a real device; in simulation the directory of
@@ -380,8 +382,12 @@ def handle_train(msg: Message, context: Context, settings: ClientSettings) -> Me
     """Local training of global + personal parameters; only the global ones are returned."""
     from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
+    from tlsan.federated.personal import prune_snapshots, snapshot_personal, snapshot_rounds
+
     state = _open(msg, context, settings)
     config_record = msg.content["config"]
+    if not snapshot_rounds(state.device):  # the rows before this device's first training
+        snapshot_personal(state.device, 0)
     epochs = int(config_record.get("local-epochs", 1))
     mu = float(config_record.get("proximal-mu", 0.0))
     scale = float(config_record.get("personal-lr-scale", 1.0))
@@ -410,6 +416,8 @@ def handle_train(msg: Message, context: Context, settings: ClientSettings) -> Me
         from tlsan.federated.personal import PERSONAL_STATE_FILE, save_personal
 
         save_personal(state.device, state.users, personal_moments, file=PERSONAL_STATE_FILE)
+    snapshot_personal(state.device, state.round)
+    prune_snapshots(state.device, int(config_record.get("best-round", 0)))
     reply = {**get_global(model), **moments}  # moments: empty unless shared
     arrays = ArrayRecord({k: Array(v) for k, v in reply.items()})
     metrics = MetricRecord(
@@ -435,8 +443,12 @@ def handle_personalize(msg: Message, context: Context, settings: ClientSettings)
     device's own checkpoint selection. `valid-ndcg@10-before/after` report that score."""
     from flwr.app import Message, MetricRecord, RecordDict
 
-    state = _open(msg, context, settings)
+    from tlsan.federated.personal import restore_personal
+
     config_record = msg.content["config"]
+    if "best-round" in config_record:  # the rows that go with the chosen global model
+        restore_personal(device_path(context, settings), int(config_record["best-round"]))
+    state = _open(msg, context, settings)
     epochs = int(config_record.get("personal-epochs", 10))
     lr = float(config_record.get("personal-lr", state.config.lr))
     model = state.model

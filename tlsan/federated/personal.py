@@ -96,3 +96,68 @@ def gather_personal(devices: list[Path], names: Iterable[str]) -> tuple[Tensor, 
     if not users:
         return torch.zeros(0, dtype=torch.int64), {name: torch.zeros(0) for name in names}
     return torch.cat(users), {name: torch.cat(parts) for name, parts in values.items()}
+
+
+# -- the rows as of each round -----------------------------------------------------------------
+SNAPSHOTS = "snapshots"  # DEVICE/snapshots/round-000012/: the personal files after round 12
+
+
+def _snapshot_dir(device: Path, server_round: int) -> Path:
+    return Path(device) / SNAPSHOTS / f"round-{server_round:06d}"
+
+
+def snapshot_rounds(device: Path) -> list[int]:
+    """The rounds this device holds snapshots of, ascending."""
+    root = Path(device) / SNAPSHOTS
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name.removeprefix("round-")) for p in root.glob("round-*") if p.is_dir())
+
+
+def snapshot_personal(device: Path, server_round: int) -> None:
+    """Copy the device's personal files (rows and, if kept, their optimizer state) as they are
+    after `server_round`: the server picks its best round only after later rounds have trained
+    the rows further, and the rows that belong to that round's global model are these."""
+    import shutil
+
+    target = _snapshot_dir(device, server_round)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir(parents=True)
+    for name in (PERSONAL_FILE, PERSONAL_STATE_FILE):
+        if (Path(device) / name).is_file():
+            shutil.copyfile(Path(device) / name, tmp / name)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+
+
+def prune_snapshots(device: Path, best_round: int) -> None:
+    """Keep what a later `restore_personal(device, r)` with r >= `best_round` can need: the
+    latest snapshot at or before `best_round` and every later one."""
+    import shutil
+
+    rounds = snapshot_rounds(device)
+    keep_from = max((r for r in rounds if r <= best_round), default=None)
+    for r in rounds:
+        if keep_from is not None and r < keep_from:
+            shutil.rmtree(_snapshot_dir(device, r))
+
+
+def restore_personal(device: Path, best_round: int) -> int | None:
+    """Put back the personal files as they were after `best_round` (its latest snapshot at or
+    before it: a device trains only in the rounds it is sampled for), drop every snapshot, and
+    return the snapshot's round (None: no snapshot, the files stay as they are)."""
+    import shutil
+
+    found = max((r for r in snapshot_rounds(device) if r <= best_round), default=None)
+    if found is not None:
+        source = _snapshot_dir(device, found)
+        for name in (PERSONAL_FILE, PERSONAL_STATE_FILE):
+            if (source / name).is_file():
+                tmp = Path(device) / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
+                shutil.copyfile(source / name, tmp)
+                os.replace(tmp, Path(device) / name)
+            else:
+                (Path(device) / name).unlink(missing_ok=True)
+    shutil.rmtree(Path(device) / SNAPSHOTS, ignore_errors=True)
+    return found

@@ -435,7 +435,8 @@ def run_personalization(grid: Grid, arrays: ArrayRecord, plan: ServerPlan) -> di
     from flwr.app import Message, RecordDict
 
     nodes = sorted(grid.get_node_ids())
-    content = RecordDict({"arrays": arrays, "config": _config_record(plan.personal_config)})
+    config = _config_record({**plan.personal_config, "best-round": plan.best_round})
+    content = RecordDict({"arrays": arrays, "config": config})
     step = plan.rounds + 1
     replies: list[Message] = []
     for start in range(0, len(nodes), plan.personalize_chunk):
@@ -517,7 +518,9 @@ def run_rounds(
     plan.best_round, bad, lr_scale = 0, 0, 1.0
     for server_round in range(1, plan.rounds + 1):
         plan.log.stats(server_round).lr_scale = lr_scale
-        train_config = _config_record({**plan.train_config, "lr-scale": lr_scale})
+        train_config = _config_record(
+            {**plan.train_config, "lr-scale": lr_scale, "best-round": plan.best_round}
+        )
         messages = strategy.configure_train(server_round, arrays, train_config, grid)
         aggregated, _ = strategy.aggregate_train(server_round, grid.send_and_receive(messages))
         if aggregated is not None:
