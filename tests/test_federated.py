@@ -579,6 +579,26 @@ def test_the_server_averages_the_clients_adam_moments_into_the_next_round(
     assert any(np.abs(second[n]).max() > 0 for n in moment_names if "exp_avg_sq" in n)
 
 
+@pytest.mark.slow
+def test_fedavgm_runs_with_shared_optimizer_state(tmp_path: Path, tiny_data: Path) -> None:
+    """Round 1 already carries (zero) moments, so FedAvgM's server momentum sees the same
+    arrays in every round; the moments it sends on are the clients' (not zero)."""
+    sim = _simulate(
+        tmp_path,
+        tiny_data,
+        strategy="fedavgm",
+        server_momentum=0.5,
+        server_lr=1.0,
+        personal_epochs=1,
+        mlflow=False,
+    )
+    first, second = sim.wire.sent_arrays[(1, "train")], sim.wire.sent_arrays[(2, "train")]
+    assert first.keys() == second.keys() and STEP in first
+    assert all(not first[k].any() for k in first if k.startswith(optimizer_state.PREFIX))
+    assert float(second[STEP].ravel()[0]) >= 1.0
+    assert np.isfinite(sim.result.test["ndcg@10"])
+
+
 # -- pieces without Flower ---------------------------------------------------------------------
 @pytest.mark.parametrize(("text", "users"), [("user", 1), ("cohort:1", 1), ("cohort:25", 25)])
 def test_client_unit_parses(text: str, users: int) -> None:
