@@ -720,6 +720,8 @@ def test_strategy_factory() -> None:
         (["--dp-noise", "1.0"], "--dp-noise"),
         (["--rounds", "0"], "--rounds"),
         (["--personal-lr", "-1"], "--personal-lr"),
+        (["--lr-decay", "0"], "--lr-decay"),
+        (["--lr-decay", "1.5"], "--lr-decay"),
         (
             ["--optimizer-state", "shared", "--dp-clip", "0.1", "--dp-noise", "0.1"],
             "--optimizer-state",
