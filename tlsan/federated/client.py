@@ -16,8 +16,8 @@ examples and its personal parameters. Per message it
 - `train.personalize`: puts back its personal rows as they were after the server's chosen
   round (`best-round`; the device snapshots them after every training round, keeping only
   what that choice can still need), freezes the global parameters, fine-tunes only its
-  personal rows for up to `personal-epochs`, keeps the epoch that scores best on its own (plain or folded)
-  validation examples (on disk) and replies with metrics only.
+  personal rows for up to `personal-epochs`, keeps the epoch that scores best on its own
+  (plain or folded) validation examples (on disk) and replies with metrics only.
 
 Which directory: `node_config["device-dir"]` on a real device; in simulation the directory of
 `partition-id` under the root the simulation was given.

@@ -135,6 +135,18 @@ def export(
     return out
 
 
+def fresh(parameters: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Zero moments at step 0 (a fresh Adam) for these global parameters, with the names and
+    in the order `export` replies with: the server's starting state, so every round (and
+    FedAvgM's server momentum, which pairs arrays by position) sees the same arrays."""
+    out: dict[str, np.ndarray] = {}
+    for name, value in parameters.items():
+        for moment in moment_names(name):
+            out[moment] = np.zeros(np.shape(value), np.float32)
+    out[STEP] = np.zeros(1, np.float32)
+    return out
+
+
 # -- the personal rows' moments: they stay on the device ---------------------------------------
 def export_rows(
     optimizer: torch.optim.Optimizer, model: nn.Module, names: Iterable[str], users: torch.Tensor

@@ -477,13 +477,8 @@ def build_server_app(plan: ServerPlan) -> ServerApp:
         strategy = metered(make_strategy(plan.spec), plan.log, shapes, plan.on_round)
         strategy.summary()
         start = dict(plan.initial)
-        if plan.share_optimizer_state:  # zero moments at step 0: a fresh Adam, and every
-            # round sees the arrays the clients reply with, in their order (FedAvgM's server
-            # momentum pairs them by position)
-            for name, value in plan.initial.items():
-                for moment in optimizer_state.moment_names(name):
-                    start[moment] = np.zeros(np.shape(value), np.float32)
-            start[optimizer_state.STEP] = np.zeros(1, np.float32)
+        if plan.share_optimizer_state:
+            start.update(optimizer_state.fresh(plan.initial))
         initial = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in start.items()})
         arrays = run_rounds(grid, strategy, initial, plan)
         if plan.personalize:
