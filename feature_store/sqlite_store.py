@@ -329,6 +329,8 @@ class SQLiteStore(OnlineStore):
         users, n = [check_id(u, "user_id") for u in user_ids], check_n(n)
         conn = self._conn()
         with self._sqlite_errors("recent_many"):
+            if len(users) == 1:  # one SELECT is its own consistent snapshot
+                return {users[0]: self._recent(conn, users[0], n)}
             conn.execute("BEGIN")
             try:
                 return {user: self._recent(conn, user, n) for user in users}

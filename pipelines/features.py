@@ -33,7 +33,15 @@ def tau_array(ref_day: np.ndarray, event_day: np.ndarray) -> np.ndarray:
     """The paper's time feature on integer day arrays: 1 / #{g in 2, 4, ..., 4096 : delta >=
     g}, at least 1/1, with `delta = ref_day - event_day + 1` (an event on the reference day
     has delta 1); a table lookup of the clipped delta."""
-    return _TAU_TABLE[np.clip(ref_day - event_day + 1, 1, _TAU_DAYS)]
+    delta = np.asarray(ref_day - event_day + 1)  # a fresh array: clipped in place
+    np.maximum(delta, 1, out=delta)  # two ufuncs: np.clip's wrapper costs more on small arrays
+    np.minimum(delta, _TAU_DAYS, out=delta)
+    return _TAU_TABLE[delta]
+
+
+def _lengths(offsets: np.ndarray) -> np.ndarray:
+    """List lengths from offsets (np.diff's generic wrapper costs more on small arrays)."""
+    return offsets[1:] - offsets[:-1]
 
 
 def _ranges(start: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -57,7 +65,7 @@ def _keep(offsets: np.ndarray, keep: np.ndarray, tail: int = 0) -> tuple[np.ndar
     """Offsets after dropping flat elements where `keep` is False (and, with `tail`, all but
     the last `tail` of each list); returns (new offsets, mask over the flat elements)."""
     n = len(offsets) - 1
-    owner = np.repeat(np.arange(n), np.diff(offsets))
+    owner = np.repeat(np.arange(n), _lengths(offsets))
     counts = np.bincount(owner[keep], minlength=n)
     if tail:
         kept_before = np.cumsum(keep) - keep
@@ -121,7 +129,7 @@ def feature_lists(
 
     idx, long_offsets = _ranges(off + np.maximum(h - max_long, 0), off + h)
     ref_day = positions["ref_time"] // SECONDS_PER_DAY
-    long_tau = tau_array(np.repeat(ref_day, np.diff(long_offsets)), table["day"][idx])
+    long_tau = tau_array(np.repeat(ref_day, _lengths(long_offsets)), table["day"][idx])
     long_items = item[idx]
 
     s_start = positions["short_start"].astype(np.int64, copy=False)
@@ -129,7 +137,7 @@ def feature_lists(
     if max_short:
         s_start = np.maximum(s_start, s_end - max_short - 1)
     idx, short_offsets = _ranges(off + s_start, off + s_end)
-    skip = np.repeat(positions["skip_pos"].astype(np.int64, copy=False), np.diff(short_offsets))
+    skip = np.repeat(positions["skip_pos"].astype(np.int64, copy=False), _lengths(short_offsets))
     short_offsets, keep = _keep(short_offsets, table["pos"][idx] != skip, max_short)
     short_items = item[idx[keep]]
 

@@ -2,9 +2,9 @@
 
 The recommender's cost is dominated by per-call overhead (one feature computation, one
 model forward, one FAISS search), not by the batch size, so the service groups requests. The
-batch adapts to the load without a fixed window: while one batch computes (in a worker
-thread, so the event loop keeps accepting requests), new calls queue up, and they all form
-the next batch. At low load a call runs at once (no added latency); under load the batches
+batch adapts to the load without a fixed window: while one batch computes (in the event
+loop, or in a worker thread for groups above `inline_max`), new calls queue up, and they all
+form the next batch. At low load a call runs at once (no added latency); under load the batches
 grow up to `max_batch_size`. `max_wait_ms` optionally holds a small batch back a little
 longer to collect more calls.
 
@@ -46,12 +46,12 @@ class BatchStats:
 class MicroBatcher(Generic[T, R]):
     """Run `fn(list[T]) -> list[R | Exception]` on groups of concurrently submitted items.
 
-    Groups of more than `inline_max` items run in one dedicated thread, so the event loop
-    keeps reading requests meanwhile and batches never overlap; smaller ones (by default a
-    lone call, the low-load case) run directly in the event loop, which saves two thread
-    hand-offs of latency: with the GIL held by the model's Python work, the thread would
-    not let the loop do much in the meantime anyway. An exception instance in the
-    result list fails only that item's call; an exception raised by `fn` fails the batch.
+    Groups of up to `inline_max` items (by default a lone call) run directly in the event
+    loop, which saves two thread hand-offs; larger ones run in one dedicated thread, so the
+    loop keeps reading requests meanwhile and batches never overlap. That thread pays off
+    only when `fn` mostly releases the GIL; the service's recommender does not, so it runs
+    every batch inline. An exception instance in the result list fails only that item's
+    call; an exception raised by `fn` fails the batch.
     """
 
     def __init__(

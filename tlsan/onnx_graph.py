@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from tlsan.data import Batch
+from tlsan.data import Batch, right_aligned
 from tlsan.errors import GraphError
-from tlsan.model import TLSAN
+from tlsan.model import TLSAN, FeatureWiseAttention
 
 ONNX_FILE = "model.onnx"
 INPUT_NAMES = ("user", "long_items", "long_tau", "short_items", "user_category")
@@ -43,8 +43,12 @@ def graph_inputs(batch: Batch, long_window: int) -> dict[str, np.ndarray]:
             long_tau[:, width - long_window :],
         )
     else:  # pad on the left (the older side), as the model itself does
-        pad = ((0, 0), (long_window - width, 0))
-        long_items, long_tau = np.pad(long_items, pad), np.pad(long_tau, pad)
+        rows = long_items.shape[0]
+        padded_items = np.zeros((rows, long_window), np.int64)
+        padded_tau = np.zeros((rows, long_window), np.float32)
+        padded_items[:, long_window - width :] = long_items
+        padded_tau[:, long_window - width :] = long_tau
+        long_items, long_tau = padded_items, padded_tau
     short = batch.short_items.numpy()
     if short.shape[1] == 0:
         short = np.zeros((short.shape[0], 1), np.int64)
@@ -54,6 +58,30 @@ def graph_inputs(batch: Batch, long_window: int) -> dict[str, np.ndarray]:
         "long_tau": np.ascontiguousarray(long_tau, np.float32),
         "short_items": np.ascontiguousarray(short, np.int64),
         "user_category": batch.user_category.numpy(),
+    }
+
+
+def list_inputs(
+    *,
+    user: np.ndarray,
+    long_items: np.ndarray,
+    long_tau: np.ndarray,
+    long_lengths: np.ndarray,
+    short_items: np.ndarray,
+    short_lengths: np.ndarray,
+    user_category: np.ndarray,
+    long_window: int,
+) -> dict[str, np.ndarray]:
+    """The graph's inputs straight from flat feature lists (what serving computes), without
+    the padded tensors of a `Batch`: the same right-aligned padding (`right_aligned`), with
+    the long-term lists cut to the window. Equal to `graph_inputs` of the padded batch."""
+    width_short = max(int(short_lengths.max(initial=0)), 1)
+    return {
+        "user": np.ascontiguousarray(user, np.int64),
+        "long_items": right_aligned(long_items, long_lengths, long_window, np.int64),
+        "long_tau": right_aligned(long_tau, long_lengths, long_window, np.float32),
+        "short_items": right_aligned(short_items, short_lengths, width_short, np.int64),
+        "user_category": np.ascontiguousarray(user_category, np.int64),
     }
 
 
@@ -114,6 +142,7 @@ def export_user_vectors(model: TLSAN, path: Path) -> None:
     length) to `path`. Freezes `model` (serving mode); raises `GraphError` on failure."""
     model.eval()
     model.freeze()
+    attentions = [m for m in model.modules() if isinstance(m, FeatureWiseAttention)]
     example = probe_batch(model, rows=2)
     inputs = graph_inputs(example, model.config.long_window)
     args = tuple(torch.from_numpy(inputs[name]) for name in INPUT_NAMES)
@@ -122,6 +151,8 @@ def export_user_vectors(model: TLSAN, path: Path) -> None:
     quiet = [logging.getLogger(name) for name in ("torch.onnx", "torch._dynamo", "onnxscript")]
     levels = [logger.level for logger in quiet]
     try:
+        for module in attentions:
+            module.exporting = True
         for logger in quiet:
             logger.setLevel(logging.ERROR)
         with warnings.catch_warnings(), torch.no_grad():
@@ -144,6 +175,8 @@ def export_user_vectors(model: TLSAN, path: Path) -> None:
     except Exception as exc:  # the exporter raises many types
         raise GraphError(f"exporting the ONNX graph failed: {exc}") from exc
     finally:
+        for module in attentions:
+            module.exporting = False
         for logger, level in zip(quiet, levels, strict=True):
             logger.setLevel(level)
 
@@ -175,8 +208,11 @@ class OnnxUserVectors:
 
     def __call__(self, batch: Batch) -> np.ndarray:
         """(B, D + 1) float32 user vectors `[u_t ; 1]`."""
-        arrays = graph_inputs(batch, self.long_window)
-        return self.session.run(None, arrays)[0]
+        return self.run(graph_inputs(batch, self.long_window))
+
+    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """User vectors from ready graph inputs (`graph_inputs` or `list_inputs`)."""
+        return self.session.run(None, inputs)[0]
 
     def check(self, model: TLSAN, *, atol: float = 1e-5) -> None:
         """Compare with PyTorch on a probe batch: a graph from other weights is refused."""
