@@ -71,6 +71,8 @@ DEFAULT_MAX_WIDENINGS = 1
 DEFAULT_ANN_DEPTH = 128
 _CHUNK = 32  # queries per exact matrix product: (n_items, 32) float32 scores at a time
 _NO_ITEM = np.iinfo(np.int64).max  # sorts after every real item index (ties on -inf)
+_NO_ROWS = np.empty(0, np.int64)
+_ONE_QUERY = np.zeros(1, np.int64)
 
 
 @dataclass
@@ -292,6 +294,10 @@ class Retriever:
         q = self._queries(queries)
         k = _positive_int("k", k)
         n_q = q.shape[0]
+        if n_q == 1 and (allowed_categories is None or allowed_categories[0] is None):
+            found = self._search_one(q, k, None if exclude is None else exclude[0])
+            if found is not None:
+                return found
         cats = self._category_index(item_categories)
         plan = self._plan(n_q, k, exclude, allowed_categories, cats)
         self.stats.queries += n_q
@@ -337,6 +343,38 @@ class Retriever:
             exact.sort()
             self._exact(exact, q, plan, cats, out_items, out_scores)
             self._canonical(exact, q, out_items, out_scores)
+        return out_items, out_scores
+
+    def _search_one(
+        self, q: np.ndarray, k: int, exclude: object
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """A lone query without a category filter (the service's common case) in one FAISS
+        call, without the batch planning: the same candidates and exact re-scoring as
+        `search`'s first round. None when that round would not settle it (ANN misses, deep
+        exclusions, an exhausted catalog): `search` then takes the general route."""
+        if exclude is not None and len(exclude) > 0:  # type: ignore[arg-type]
+            if isinstance(exclude, list | tuple | set | frozenset | np.ndarray):
+                excl = self._excluded_rows(exclude, 0)
+            else:
+                return None
+        else:
+            excl = _NO_ROWS
+        want = min(k, self.n_items - excl.size)
+        c = min(max(4 * k, k + excl.size), self.n_items)
+        if want < 1 or c > min(self.max_candidates, self.n_items):
+            return None
+        ids = self._faiss_search(q, c, 0)
+        ok = ids >= 0
+        if excl.size:
+            ok &= ~_sorted_contains(excl, ids)
+        if int(ok.sum()) < want:
+            self.stats.faiss_calls -= 1  # the general route searches again
+            return None
+        self.stats.queries += 1
+        out_items = np.full((1, k), -1, np.int64)
+        out_scores = np.full((1, k), -np.inf, np.float32)
+        rows = np.where(ok, ids, 0)
+        self._rescore(_ONE_QUERY, rows, ok, q, np.array([want]), out_items, out_scores)
         return out_items, out_scores
 
     def _pair_keys(self, excl: list[np.ndarray]) -> np.ndarray:

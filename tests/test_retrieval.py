@@ -311,6 +311,38 @@ def test_a_batch_equals_its_rows_searched_alone(small: dict) -> None:
         np.testing.assert_array_equal(batch[1][b], alone[1][0])
 
 
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+def test_a_lone_query_takes_the_short_route_with_the_general_routes_answer(
+    small: dict, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lone query without a category filter skips the batch planning; its answer must be
+    the general route's, also where the short route has to give up (every FAISS candidate
+    excluded, more exclusions than the candidate budget)."""
+    items, queries = small["items"], small["queries"]
+    order = brute_force(items, queries[0], len(items))[0]
+    cases: list[tuple[np.ndarray, int, set[int] | None]] = [
+        (queries[1], K, None),
+        (queries[2], 1, set()),
+        (queries[3], 25, set(range(1, 400, 3))),
+        (queries[0], K, set(order[:200].tolist())),  # the best 200 excluded
+        (queries[0], K, set(order[:1_000].tolist())),  # IVF's first probe comes up short
+        (queries[4], K, set(range(1, 3_000))),  # C = k + 2,999 > max_candidates
+    ]
+    short = Retriever(small["indexes"][kind], items)
+    general = Retriever(small["indexes"][kind], items)
+    monkeypatch.setattr(general, "_search_one", lambda *args: None)
+    for query, k, exclude in cases:
+        kwargs = {} if exclude is None else {"exclude": [exclude]}
+        got = short.search(query, k, **kwargs)
+        want = general.search(query, k, **kwargs)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+    assert short.stats.queries == general.stats.queries == len(cases)
+    assert short.stats.faiss_calls == general.stats.faiss_calls
+    assert short.stats.widened == general.stats.widened
+    assert short.stats.exact == general.stats.exact == 1  # the over-budget case
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     seed=st.integers(0, 2**31 - 1),
