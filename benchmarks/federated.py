@@ -306,7 +306,7 @@ def main() -> None:
     q.add_argument("--client-unit", default="cohort:100")
     q.add_argument("--local-epochs", type=int, default=1)
     q.add_argument("--batch-size", type=int, default=64)
-    q.add_argument("--lr", type=float, default=5e-3)
+    q.add_argument("--lr", type=float, default=2e-3)
     q.add_argument("--personal-epochs", type=int, default=10)
     q.add_argument("--personal-lr", type=float, help="fine-tuning lr (default: --lr)")
     q.add_argument("--personal-lr-scale", type=float, default=1.0)
