@@ -14,8 +14,12 @@ in-process, one after another, without Flower or Ray.
 TLSAN with the default preset, then federates from scratch and evaluates on test (b) the
 federated global model with neutral personal parameters and (c) the same global model with
 each client's fine-tuned personal parameters. The server keeps the global model of the round
-with the best federated validation NDCG@10 and stops `--patience` rounds after it; one local
-epoch per round (the default) validated better than two (less client drift). `--select folded`
+with the best federated validation NDCG@10 and stops `--patience` rounds after it (not before
+round `--min-rounds`, 20: the score can sit at the popularity level for a while); one local
+epoch per round (the default) validated better than two (less client drift), and the personal
+rows learn at a quarter of the lr during the rounds (`--personal-lr-scale 0.25`, the default:
+they train in every round, far more epochs than central training gives them, and the final
+fine-tuning at the full lr personalizes them). `--select folded`
 picks the round and the fine-tuning epochs on the validation examples folded like test
 examples instead (`tlsan.federated.client.folded_split`; both curves are reported, and (a)'s
 folded validation too); `--session-fold` folds that share of the clients' training sessions.
@@ -235,6 +239,7 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
             personal_lr_scale=args.personal_lr_scale,
             optimizer_state=args.optimizer_state,
             patience=args.patience,
+            min_rounds=args.min_rounds,
             lr_decay=args.lr_decay,
             select=args.select,
             mlflow=False,
@@ -309,8 +314,9 @@ def main() -> None:
     q.add_argument("--lr", type=float, default=2e-3)
     q.add_argument("--personal-epochs", type=int, default=10)
     q.add_argument("--personal-lr", type=float, help="fine-tuning lr (default: --lr)")
-    q.add_argument("--personal-lr-scale", type=float, default=1.0)
+    q.add_argument("--personal-lr-scale", type=float, default=0.25)
     q.add_argument("--patience", type=int, default=5, help="rounds without improvement")
+    q.add_argument("--min-rounds", type=int, default=20, help="no early stop before this round")
     q.add_argument("--lr-decay", type=float, default=1.0, help="lr factor after a bad round")
     q.add_argument(
         "--select",

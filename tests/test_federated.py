@@ -27,7 +27,7 @@ from tlsan.config import default_config
 from tlsan.data import load_dataset
 from tlsan.errors import ConfigError, RunError
 from tlsan.federated import optimizer_state
-from tlsan.federated.client import VALID_KEYS, folded_split, global_names
+from tlsan.federated.client import VALID_KEYS, folded_split, global_names, local_epochs
 from tlsan.federated.optimizer_state import STEP
 from tlsan.federated.partition import (
     assign_clients,
@@ -47,7 +47,7 @@ from tlsan.federated.personal import (
     snapshot_rounds,
 )
 from tlsan.federated.run import FederateOptions, FederateResult, federate
-from tlsan.federated.server import WEIGHT_KEY, StrategySpec, WireLog, make_strategy
+from tlsan.federated.server import WEIGHT_KEY, StrategySpec, WireLog, make_strategy, stop_early
 from tlsan.run_dir import load_run
 
 N_USERS = 40
@@ -414,11 +414,14 @@ def test_cli_select_folded_and_session_fold_reach_the_run(tiny_data: Path, tmp_p
         ["federate", "--data", str(tiny_data), "--out", str(out), "--rounds", "2",
          "--clients-per-round", "2", "--client-unit", "cohort:10", "--config", str(config),
          "--select", "folded", "--session-fold", "0.25", "--personal-epochs", "1",
-         "--optimizer-state", "local", "--no-mlflow", "--no-progress"]
+         "--optimizer-state", "local", "--min-rounds", "7", "--personal-lr-scale", "0.5",
+         "--no-mlflow", "--no-progress"]
     )  # fmt: skip
     assert code == 0
     federated = json.loads((out / "federated.json").read_text())
     assert federated["settings"]["select"] == "folded"
+    assert federated["settings"]["min_rounds"] == 7
+    assert federated["settings"]["personal_lr_scale"] == 0.5
     assert federated["settings"]["optimizer_state"] == "local"
     folded = {r["round"]: r["valid"]["folded-ndcg@10"] for r in federated["rounds"]}
     assert folded[federated["best_round"]] == max(folded.values())
@@ -577,6 +580,39 @@ def test_the_server_averages_the_clients_adam_moments_into_the_next_round(
     # the clients took local steps, so the shared step count is theirs
     assert float(second[STEP].ravel()[0]) >= 1.0
     assert any(np.abs(second[n]).max() > 0 for n in moment_names if "exp_avg_sq" in n)
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.5])
+def test_personal_rows_learn_at_the_personal_lr_scale(tiny_data: Path, scale: float) -> None:
+    """--personal-lr-scale: in one local step (Adam's first step moves each coordinate by
+    lr * g / |g|) the personal rows move `scale` times as far as at scale 1 and the global
+    parameters exactly as far; at 0 the rows stay put."""
+    from tlsan.train import new_model
+
+    dataset = load_dataset(tiny_data, ("train", "valid"))
+    config = CONFIG.override(batch_size=len(dataset.train))  # the whole split in one step
+
+    def one_step(personal_lr_scale: float) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
+        model = new_model(config, dataset, seed=config.seed)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        _, seen = local_epochs(
+            model,
+            dataset,
+            config,
+            epochs=1,
+            generator=torch.Generator().manual_seed(0),
+            personal_lr_scale=personal_lr_scale,
+        )
+        assert seen == len(dataset.train)
+        moved = {n: p.detach() - before[n] for n, p in model.named_parameters()}
+        return moved, tuple(model.personal_parameter_names())
+
+    full, personal = one_step(1.0)
+    scaled, _ = one_step(scale)
+    assert personal and all(full[n].abs().max() > 0 for n in personal)
+    for name, step in scaled.items():
+        expected = scale * full[name] if name in personal else full[name]
+        torch.testing.assert_close(step, expected, rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.slow
@@ -758,3 +794,37 @@ def test_cli_rejects_a_run_of_another_model_kind(
     )  # fmt: skip
     assert code == 2
     assert "personal parameters" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("bad", "server_round", "patience", "min_rounds", "stop"),
+    [
+        (5, 9, 5, 0, True),  # patience alone ends the plateau of a slow start
+        (5, 9, 5, 20, False),  # ...which --min-rounds rides out
+        (5, 20, 5, 20, True),
+        (4, 30, 5, 20, False),
+        (50, 60, 0, 0, False),  # patience 0: never
+    ],
+)
+def test_stop_early_waits_for_patience_and_min_rounds(
+    bad: int, server_round: int, patience: int, min_rounds: int, stop: bool
+) -> None:
+    assert stop_early(bad, server_round, patience, min_rounds) is stop
+
+
+@pytest.mark.slow
+def test_min_rounds_keeps_the_rounds_going_past_patience(tmp_path: Path, tiny_data: Path) -> None:
+    """With patience 1 the loop may end one round after any best round, but not before
+    `min_rounds`; the setting is recorded with the run."""
+    sim = _simulate(
+        tmp_path, tiny_data, rounds=5, patience=1, min_rounds=4, personal_epochs=1, mlflow=False
+    )
+    federated = json.loads((sim.result.run_dir / "federated.json").read_text())
+    best, run = federated["best_round"], federated["rounds_run"]
+    assert run == min(5, max(4, best + 1)) and run >= 4
+    assert max(r for r, _ in sim.wire.sent_arrays if r <= 5) == run
+    assert federated["settings"]["min_rounds"] == 4
+    with pytest.raises(ConfigError, match="--min-rounds"):
+        FederateOptions(
+            data=tiny_data, out=tmp_path / "x", rounds=2, clients_per_round=1, min_rounds=-1
+        )

@@ -76,6 +76,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "the global model of the best round is kept either way (5)",
     )
     p.add_argument(
+        "--min-rounds",
+        type=int,
+        default=20,
+        help="no early stop before this round: from scratch the validation score can sit at "
+        "the popularity level for several rounds before the model learns the sequences (20)",
+    )
+    p.add_argument(
         "--lr-decay",
         type=float,
         default=1.0,
@@ -93,9 +100,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--personal-lr-scale",
         type=float,
-        default=1.0,
-        help="learning-rate multiplier of the personal parameters during the rounds "
-        "(1 = as the global ones; 0 = frozen until the final fine-tuning)",
+        default=0.25,
+        help="learning-rate multiplier of the personal parameters during the rounds: they "
+        "train in every round their device joins, many more epochs than central training "
+        "gives them (1 = as the global ones; 0 = frozen until the final fine-tuning) (0.25)",
     )
     p.add_argument(
         "--personal-epochs",
@@ -187,6 +195,7 @@ def run(args: argparse.Namespace) -> int:
         dp_mode=args.dp_mode,
         client_unit=args.client_unit,
         patience=args.patience,
+        min_rounds=args.min_rounds,
         lr_decay=args.lr_decay,
         select=args.select,
         personal_lr_scale=args.personal_lr_scale,

@@ -62,9 +62,12 @@ class FederateOptions:
     dp_mode: str = "local"
     client_unit: str = "user"
     patience: int = 0  # rounds without validation improvement before stopping, 0 = never
+    min_rounds: int = 0  # no early stop before this round
     lr_decay: float = 1.0  # clients' lr multiplier after each round without improvement
     select: str = "valid"  # valid | folded: validation examples that pick rounds and epochs
-    personal_lr_scale: float = 1.0  # personal rows' lr multiplier during rounds (0 = frozen)
+    # personal rows' lr multiplier during the rounds (0 = frozen): they train in every round
+    # a device joins, far more epochs than central training gives them
+    personal_lr_scale: float = 0.25
     optimizer_state: str = "auto"  # auto | shared | local: Adam's moments travel and average
     personal_epochs: int = 10
     personal_lr: float | None = None  # None: the training lr
@@ -87,6 +90,8 @@ class FederateOptions:
             raise ConfigError(f"--personal-lr-scale: expected >= 0, got {self.personal_lr_scale}")
         if self.patience < 0:
             raise ConfigError(f"--patience: expected >= 0, got {self.patience}")
+        if self.min_rounds < 0:
+            raise ConfigError(f"--min-rounds: expected >= 0, got {self.min_rounds}")
         if not 0.0 < self.lr_decay <= 1.0:
             raise ConfigError(f"--lr-decay: expected a factor in (0, 1], got {self.lr_decay}")
         if self.personal_epochs < 0:
@@ -325,6 +330,7 @@ def federate(
             "dp_noise": options.dp_noise,
             "dp_mode": options.dp_mode if options.dp_clip > 0 else "off",
             "patience": options.patience,
+            "min_rounds": options.min_rounds,
             "lr_decay": options.lr_decay,
             "select": options.select,
             "personal_lr_scale": options.personal_lr_scale,
@@ -368,6 +374,7 @@ def federate(
             seed=config.seed,
             personalize=True,
             patience=options.patience,
+            min_rounds=options.min_rounds,
             lr_decay=options.lr_decay,
             select=f"{SELECT[options.select]}-ndcg@10",
             log=log,

@@ -414,6 +414,7 @@ class ServerPlan:
     select: str = "valid-ndcg@10"  # federated validation metric that picks the round
     # (valid-folded-ndcg@10: on the validation examples folded like test examples)
     patience: int = 0  # stop after this many rounds without improvement, 0 = never
+    min_rounds: int = 0  # ...but never before this round (the early plateau)
     # after a round without improvement the clients' learning rate is multiplied by this
     lr_decay: float = 1.0
     evaluate_start: bool = True  # also evaluate the starting parameters (round 0)
@@ -496,6 +497,14 @@ def parameters_only(arrays: ArrayRecord) -> ArrayRecord:
     return arrays if len(keep) == len(arrays) else ArrayRecord(keep)
 
 
+def stop_early(bad: int, server_round: int, patience: int, min_rounds: int) -> bool:
+    """Whether `bad` rounds without improvement end the loop after `server_round`: never with
+    patience 0, never before `min_rounds`. From scratch the federated validation score climbs
+    to the popularity level in a few rounds and can sit there for five or more before the
+    global model learns the sequences, so patience alone may stop on that plateau."""
+    return patience > 0 and bad >= patience and server_round >= min_rounds
+
+
 def run_rounds(
     grid: Grid, strategy: Strategy, initial: ArrayRecord, plan: ServerPlan
 ) -> ArrayRecord:
@@ -534,7 +543,7 @@ def run_rounds(
         else:
             bad += 1
             lr_scale *= plan.lr_decay
-        if plan.patience and bad >= plan.patience:
+        if stop_early(bad, server_round, plan.patience, plan.min_rounds):
             break
     plan.rounds_run = server_round
     return best
