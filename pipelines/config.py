@@ -14,6 +14,8 @@ from typing import Any, Literal
 from pipelines.errors import DataValidationError
 
 SplitKind = Literal["last-session", "leave-one-out", "time"]
+Protocol = Literal["leak-free", "reference"]
+PROTOCOLS: tuple[str, ...] = ("leak-free", "reference")
 FileFormat = Literal["csv", "parquet", "ndjson"]
 TimeUnit = Literal["s", "ms", "us", "ns"]
 MissingItemPolicy = Literal["error", "unknown"]
@@ -82,6 +84,7 @@ class PrepareConfig:
     max_short: int = 50
     seed: int = 0
     preset: str | None = None
+    protocol: Protocol = "leak-free"  # "reference": the published, leaky protocol (DESIGN.md)
 
     def __post_init__(self) -> None:
         for name in (
@@ -105,6 +108,15 @@ class PrepareConfig:
             raise DataValidationError(
                 f"--min-sessions {self.min_sessions} is greater than --max-sessions "
                 f"{self.max_sessions}: expected min <= max"
+            )
+        if self.protocol not in PROTOCOLS:
+            raise DataValidationError(
+                f"--protocol: expected one of {', '.join(PROTOCOLS)}, got {self.protocol!r}"
+            )
+        if self.protocol == "reference" and self.split != "last-session":
+            raise DataValidationError(
+                "--protocol reference rebuilds the paper's published (leaky) protocol and needs "
+                f"--split last-session, got --split {self.split}"
             )
         if self.split == "time":
             if self.valid_from is None or self.test_from is None:

@@ -204,6 +204,7 @@ def target_examples(
         pl.col(p["short_end"]).alias("short_end"),
         pl.lit(NO_SKIP, dtype=pl.Int32).alias("skip_pos"),
         pl.col("item").alias("target"),
+        pl.col("pos").alias("target_pos"),
         pl.col(p["ref_time"]).alias("ref_time"),
         pl.col("timestamp").alias("target_time"),
         *carry,

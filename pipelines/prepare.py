@@ -22,10 +22,16 @@ from pipelines.cleaning import StepCount, clean, sort_events
 from pipelines.config import PrepareConfig
 from pipelines.errors import DataValidationError
 from pipelines.features import attach_features
+from pipelines.negatives import event_negatives, first_positions
 from pipelines.progress import Steps
 from pipelines.reading import item_categories, read_catalog, read_interactions
 from pipelines.sessions import event_table
-from pipelines.splits import leave_one_out_examples, paper_examples, time_examples
+from pipelines.splits import (
+    EXCLUDED,
+    leave_one_out_examples,
+    paper_examples,
+    time_examples,
+)
 from pipelines.vocab import Codebook, Vocabularies, index_events
 
 FORMAT_VERSION = 1
@@ -38,6 +44,7 @@ EXAMPLE_COLUMNS = (
     "user_category",
     "ref_time",
     "history_end",
+    "target_pos",
 )
 SPLITS = ("train", "valid", "test")
 EVENT_COLUMNS = ("user", "item", "category", "timestamp", "session", "pos")
@@ -59,27 +66,57 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def build_examples(table: pl.DataFrame, config: PrepareConfig) -> dict[str, pl.DataFrame]:
-    """Examples of each split (positions from one lazy plan, then features per split)."""
+def build_examples(
+    table: pl.DataFrame, config: PrepareConfig, *, n_items: int = 0
+) -> dict[str, pl.DataFrame]:
+    """Examples of each split (positions from one lazy plan, then features per split), plus
+    under EXCLUDED the positions of the paper transitions no split trains on.
+
+    `n_items` (the item vocabulary's size) is needed by `--protocol reference` only, for its
+    fixed negatives."""
     events = table.lazy()
     if config.split == "last-session":
-        examples = paper_examples(table, cap=config.max_events_per_user, seed=config.seed)
+        examples = paper_examples(
+            table, cap=config.max_events_per_user, seed=config.seed, protocol=config.protocol
+        )
     elif config.split == "leave-one-out":
         examples = leave_one_out_examples(events)
     else:
         assert config.valid_from is not None and config.test_from is not None
         examples = time_examples(events, valid_from=config.valid_from, test_from=config.test_from)
     positions = examples.collect()
+    columns = list(EXAMPLE_COLUMNS)
+    if config.protocol == "reference":
+        positions = _with_fixed_negatives(positions, table, n_items, config.seed)
+        columns.append("negative")
     split = positions["split"]
-    return {
+    parts = {
         name: attach_features(
             positions.filter(split == name),
             table,
             max_long=config.max_long,
             max_short=config.max_short,
-        ).select(*EXAMPLE_COLUMNS)
+        ).select(*columns)
         for name in SPLITS
     }
+    parts[EXCLUDED] = positions.filter(split == EXCLUDED).select("user", "target", "target_pos")
+    return parts
+
+
+def _with_fixed_negatives(
+    positions: pl.DataFrame, table: pl.DataFrame, n_items: int, seed: int
+) -> pl.DataFrame:
+    """The reference protocol's `negative` column: a training pair takes its target
+    position's negative, the test pair the negative of its target item's first position."""
+    if n_items < 1:
+        raise ValueError("--protocol reference needs the item vocabulary's size")
+    negatives = event_negatives(table, n_items, seed)
+    users = positions["user"].to_numpy()
+    offsets = positions["offset"].to_numpy()
+    at = positions["target_pos"].to_numpy().astype(np.int64)
+    test = (positions["split"] == "test").to_numpy()
+    at[test] = first_positions(table, users[test], positions["target"].to_numpy()[test])
+    return positions.with_columns(pl.Series("negative", negatives[offsets + at], pl.Int32))
 
 
 CHUNK_EVENTS = 1 << 20  # events per block of whole users (bounded, reused temporaries)
@@ -99,15 +136,15 @@ def user_blocks(events: pl.DataFrame, size: int | None = None) -> list[pl.DataFr
 
 
 def build_split_examples(
-    events: pl.DataFrame, config: PrepareConfig
+    events: pl.DataFrame, config: PrepareConfig, *, n_items: int = 0
 ) -> tuple[pl.DataFrame, dict[str, pl.DataFrame]]:
-    """The event table (the columns events.parquet keeps) and the examples of each split,
-    built block by block of whole users."""
+    """The event table (the columns events.parquet keeps) and the examples of each split
+    (and EXCLUDED), built block by block of whole users."""
     tables: list[pl.DataFrame] = []
-    parts: dict[str, list[pl.DataFrame]] = {name: [] for name in SPLITS}
+    parts: dict[str, list[pl.DataFrame]] = {name: [] for name in (*SPLITS, EXCLUDED)}
     for block in user_blocks(events):
         table = event_table(block, config.session)
-        for name, examples in build_examples(table, config).items():
+        for name, examples in build_examples(table, config, n_items=n_items).items():
             parts[name].append(examples)
         tables.append(table.select(*EVENT_COLUMNS))
     return (
@@ -198,7 +235,8 @@ def prepare_dataset(
         vocab, indexed = index_events(cleaned, users, items, categories)
         events = _truncate(indexed, config)
     with steps.step("sessions, examples and features"):
-        table, parts = build_split_examples(events, config)
+        table, parts = build_split_examples(events, config, n_items=vocab.items.height)
+    excluded = parts.pop(EXCLUDED).height
     examples = pl.concat(list(parts.values()), rechunk=False)
     for name in ("train", "test"):
         if parts[name].height == 0:
@@ -216,9 +254,6 @@ def prepare_dataset(
         entry["sha256"] = file_sha256(path)
         entry["bytes"] = path.stat().st_size
     example_users = examples["user"].n_unique()
-    paper_train = parts["train"].height + (
-        parts["valid"].height if config.split == "last-session" else 0
-    )
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "dataset_hash": dataset_hash(inputs, config),
@@ -227,8 +262,17 @@ def prepare_dataset(
         "categories": category_info,
         "steps": [c.to_json() for c in counts],
         "stats": _stats(events, vocab, examples.height),
+        "protocol": config.protocol,
+        "leaky": config.protocol == "reference",
         "counts": {
-            "paper_train_examples": paper_train,
+            **(
+                {  # the paper's training transitions (the reference count) and those left out
+                    "paper_train_examples": parts["train"].height + excluded,
+                    "excluded_transitions": excluded,
+                }
+                if config.split == "last-session"
+                else {}
+            ),
             "train": parts["train"].height,
             "valid": parts["valid"].height,
             "test": parts["test"].height,

@@ -1,22 +1,31 @@
 """Which examples exist and which split each belongs to: paper, leave-one-out and time.
 
-Every builder returns position-described examples (see `pipelines.features`) with `split` and
-`target`; features are attached afterwards by the shared `attach_features`.
+Every builder returns position-described examples (see `pipelines.features`) with `split`,
+`target` and `target_pos` (the target event's position within its user); features are
+attached afterwards by the shared `attach_features`.
 """
 
 from __future__ import annotations
 
 import polars as pl
 
+from pipelines.config import Protocol
 from pipelines.features import target_examples
 
 _LCG_A = 1_103_515_245
 _LCG_C = 12_345
 _MOD = 2_147_483_647
+# The validation target's draw uses its own stream: seed + VALID_STREAM (the test target's
+# draw, seed itself, is unchanged from the paper's construction).
+VALID_STREAM = 1_000_003
+# Rows of paper transitions that no split trains on (their target lies in the validation or
+# the test session); counted in the manifest, never written.
+EXCLUDED = "excluded"
 
 
 def seeded_choice(user: pl.Expr, seed: int, n: pl.Expr) -> pl.Expr:
-    """A deterministic pseudo-random integer in [0, n) per user: the test target's position.
+    """A deterministic pseudo-random integer in [0, n) per user: a target's position in its
+    session.
 
     An integer hash of (user, seed), so it does not depend on row order, thread count or
     library versions.
@@ -26,20 +35,13 @@ def seeded_choice(user: pl.Expr, seed: int, n: pl.Expr) -> pl.Expr:
     return (h % n.cast(pl.Int64)).cast(pl.Int32)
 
 
-def paper_examples(events: pl.DataFrame, *, cap: int, seed: int) -> pl.LazyFrame:
-    """The paper's construction (DESIGN.md): one training example per session transition,
-    the first session that reaches past the event cap as the test example, then validation =
-    each user's last training example.
-
-    `events` is the collected event table, sorted by user and time, so each session is its first row and everything
-    per user comes from neighbouring rows: the training sessions of a user are a prefix
-    (sessions 1..k, since a session's end grows while the cap stays), the test session is
-    k + 1 and the validation session k. Targets are gathered by row position.
-    """
-    table = events.lazy()
+def _sessions(events: pl.DataFrame, cap: int) -> pl.LazyFrame:
+    """One row per session with its positions (start, end), its user's event count and the
+    paper's roles: `is_train` (a transition of step 3) and `is_test` (the session where the
+    walk stops)."""
     gidx = pl.col("gidx")
     last_of_user = pl.col("user") != pl.col("user").shift(-1)
-    with_end = table.with_columns(
+    with_end = events.lazy().with_columns(
         pl.when(last_of_user.fill_null(True)).then(gidx + 1).backward_fill().alias("user_end")
     )
     same_user_next = (pl.col("user") == pl.col("user").shift(-1)).fill_null(False)
@@ -61,16 +63,42 @@ def paper_examples(events: pl.DataFrame, *, cap: int, seed: int) -> pl.LazyFrame
     if cap:
         m = pl.min_horizontal(m, pl.lit(cap))
     is_train = (pl.col("session") > 0) & (pl.col("end") < m - 1)
-    sessions = sessions.with_columns(is_train.alias("is_train")).with_columns(
-        (pl.col("is_train") & ~(same_user_next & pl.col("is_train").shift(-1))).alias("is_valid"),
+    return sessions.with_columns(is_train.alias("is_train")).with_columns(
         (
             (pl.col("session") > 0)
             & ~pl.col("is_train")
             & ((pl.col("session") == 1) | pl.col("is_train").shift(1).fill_null(False))
         ).alias("is_test"),
     )
+
+
+def paper_examples(
+    events: pl.DataFrame, *, cap: int, seed: int, protocol: Protocol = "leak-free"
+) -> pl.LazyFrame:
+    """The paper's construction (DESIGN.md) with our leak-free validation and training.
+
+    Per user, the walk's last session `t` is the test example (its short-term session minus
+    the target); the session `v = t - 1` is the validation example built the same way (only
+    when `v` is not the first session, which only seeds the history); the paper's transitions
+    train only when their target event lies before `v` (the others are marked EXCLUDED).
+
+    `protocol="reference"` rebuilds the published protocol instead, for reproduction only:
+    every transition trains (including the one whose target is the test target), a
+    single-item test session keeps its target in the short-term input, and there is no
+    validation example.
+
+    `events` is the collected event table, sorted by user and time, so each session is its
+    first row and everything per user comes from neighbouring rows. Targets are gathered by
+    row position.
+    """
+    test_session = pl.when("is_test").then(pl.col("session")).max().over("user")
+    sessions = _sessions(events, cap).with_columns(test_session.alias("test_session"))
     item = pl.lit(events["item"])
-    size = pl.col("end") - pl.col("start")
+    if protocol == "reference":
+        train_split = pl.lit("train")
+    else:  # a transition from s targets the first event of s + 1: keep s + 1 < v = t - 1
+        before_valid = pl.col("session") + 1 < pl.col("test_session") - 1
+        train_split = pl.when(before_valid).then(pl.lit("train")).otherwise(pl.lit(EXCLUDED))
     train = sessions.filter("is_train").select(
         "user",
         "offset",
@@ -79,22 +107,42 @@ def paper_examples(events: pl.DataFrame, *, cap: int, seed: int) -> pl.LazyFrame
         pl.col("end").alias("short_end"),
         pl.lit(-1, dtype=pl.Int32).alias("skip_pos"),
         item.gather(pl.col("offset") + pl.col("end")).alias("target"),
+        pl.col("end").alias("target_pos"),
         "ref_time",
-        pl.when("is_valid").then(pl.lit("valid")).otherwise(pl.lit("train")).alias("split"),
+        train_split.alias("split"),
     )
+    parts = [train, _held_out(sessions.filter("is_test"), item, seed, "test", protocol)]
+    if protocol != "reference":
+        is_valid = (pl.col("session") == pl.col("test_session") - 1) & (pl.col("session") > 0)
+        valid = _held_out(sessions.filter(is_valid), item, seed + VALID_STREAM, "valid", protocol)
+        parts.append(valid)
+    return pl.concat(parts)
+
+
+def _held_out(
+    sessions: pl.LazyFrame, item: pl.Expr, seed: int, split: str, protocol: Protocol
+) -> pl.LazyFrame:
+    """The test (or validation) example of each of `sessions`: long-term = the events before
+    the session, short-term = its items minus the target, target = its single item or one
+    chosen by `seeded_choice`. Under the reference protocol a single-item session keeps its
+    target in the short-term input (the reference code's leak (b))."""
+    size = pl.col("end") - pl.col("start")
     chosen = pl.col("start") + seeded_choice(pl.col("user"), seed, size)
-    test = sessions.filter("is_test").select(
+    skip = chosen
+    if protocol == "reference":
+        skip = pl.when(size == 1).then(pl.lit(-1, dtype=pl.Int32)).otherwise(chosen)
+    return sessions.select(
         "user",
         "offset",
         pl.col("start").alias("history_end"),
         pl.col("start").alias("short_start"),
         pl.col("end").alias("short_end"),
-        chosen.alias("skip_pos"),
+        skip.cast(pl.Int32).alias("skip_pos"),
         item.gather(pl.col("offset") + chosen).alias("target"),
+        chosen.cast(pl.Int32).alias("target_pos"),
         "ref_time",
-        pl.lit("test").alias("split"),
+        pl.lit(split).alias("split"),
     )
-    return pl.concat([train, test])
 
 
 def leave_one_out_examples(table: pl.LazyFrame) -> pl.LazyFrame:

@@ -70,6 +70,55 @@ def choice(user_index: int, seed: int, n: int) -> int:
     return h % n
 
 
+VALID_STREAM = 1_000_003  # the validation target's draw: choice(user, seed + VALID_STREAM, c)
+
+
+def _held_out(split, user, events, session, r, keep_target, max_long, max_short) -> RefExample:
+    """The test (or validation) example of `session`: its r-th event is the target."""
+    i = session[0]
+    short_pos = [p for p in session if keep_target or p != i + r]
+    ref = events[i].ts
+    return _example(split, user, events, i, short_pos, events[i + r].item, ref, max_long, max_short)
+
+
+def _last_session(
+    user, events, sessions, index, cap, seed, protocol, max_long, max_short
+) -> list[RefExample]:
+    """DESIGN.md's `last-session` split (or, with protocol "reference", the paper's)."""
+    m = min(len(events), cap) if cap else len(events)
+    transitions: list[int] = []  # session numbers of the paper's training transitions
+    test_at = None
+    for number, s in enumerate(sessions[1:], start=1):
+        if s[0] + len(s) < m - 1:
+            transitions.append(number)
+        else:
+            test_at = number
+            break
+    if test_at is None:
+        return []
+    reference = protocol == "reference"
+    test_session = sessions[test_at]
+    out = [
+        _held_out(
+            "test", user, events, test_session, choice(index, seed, len(test_session)),
+            reference and len(test_session) == 1, max_long, max_short,
+        )
+    ]  # fmt: skip
+    valid_at = test_at - 1
+    if not reference and valid_at >= 1:
+        session = sessions[valid_at]
+        r = choice(index, seed + VALID_STREAM, len(session))
+        out.append(_held_out("valid", user, events, session, r, False, max_long, max_short))
+    for number in transitions:
+        if not reference and number + 1 >= valid_at:
+            continue  # its target lies in the validation or the test session
+        s = sessions[number]
+        i, c = s[0], len(s)
+        target = events[i + c].item
+        out.append(_example("train", user, events, i, s, target, events[i].ts, max_long, max_short))
+    return out
+
+
 def _example(split, user, events, h, short_pos, target, ref, max_long, max_short) -> RefExample:
     long = events[:h][-max_long:]
     short = [events[p].item for p in short_pos]
@@ -101,6 +150,7 @@ def build(
     max_short: int = 0,
     valid_from: int = 0,
     test_from: int = 0,
+    protocol: str = "leak-free",
 ) -> list[RefExample]:
     """All examples of every user (events already in the pipeline's stable time order)."""
     out: list[RefExample] = []
@@ -109,47 +159,12 @@ def build(
             events = events[:cap]
         sessions = sessions_of(events, rule, gap)
         if split == "last-session":
-            m = min(len(events), cap) if cap else len(events)
-            user_examples: list[RefExample] = []
-            for s in sessions[1:]:
-                i, c = s[0], len(s)
-                ref = events[i].ts
-                if i + c < m - 1:
-                    user_examples.append(
-                        _example(
-                            "train",
-                            user,
-                            events,
-                            i,
-                            s,
-                            events[i + c].item,
-                            ref,
-                            max_long,
-                            max_short,
-                        )
-                    )
-                else:
-                    r = choice(user_index[user], seed, c)
-                    short_pos = [p for p in s if p != i + r]
-                    user_examples.append(
-                        _example(
-                            "test",
-                            user,
-                            events,
-                            i,
-                            short_pos,
-                            events[i + r].item,
-                            ref,
-                            max_long,
-                            max_short,
-                        )
-                    )
-                    break
-            trains = [k for k, e in enumerate(user_examples) if e.split == "train"]
-            if trains:
-                last = user_examples[trains[-1]]
-                user_examples[trains[-1]] = RefExample(**{**last.__dict__, "split": "valid"})
-            out.extend(user_examples)
+            out.extend(
+                _last_session(
+                    user, events, sessions, user_index[user], cap, seed, protocol,
+                    max_long, max_short,
+                )
+            )  # fmt: skip
             continue
         session_of = {p: s for s in sessions for p in s}
         n = len(events)

@@ -30,8 +30,10 @@ def test_paper_preset_reproduces_published_counts(
     counts = manifest["counts"]
     assert counts["paper_train_examples"] == train_total
     assert counts["test"] == users
-    assert counts["valid"] == users  # every user's last training example moved to valid
-    assert counts["train"] == train_total - users
+    assert counts["valid"] == users  # every user's session before the test session
+    # the transitions into the validation and test sessions are not trained on
+    assert counts["train"] == train_total - counts["excluded_transitions"]
+    assert users < counts["excluded_transitions"] <= 2 * users
     stats = manifest["stats"]
     assert (stats["users"], stats["items"], stats["categories"]) == (users, items, categories)
     assert stats["interactions"] == interactions
@@ -40,7 +42,7 @@ def test_paper_preset_reproduces_published_counts(
         "items": items + 1,
         "categories": categories + 1,
     }
-    for split, expected in (("train", train_total - users), ("valid", users), ("test", users)):
+    for split, expected in (("train", counts["train"]), ("valid", users), ("test", users)):
         frame = pl.read_parquet(out / "examples" / f"{split}.parquet")
         assert frame.height == expected
         assert frame["user"].min() >= 1 and frame["target"].min() >= 1
@@ -95,6 +97,7 @@ def test_cli_prepare_writes_the_documented_layout(tmp_path: Path, capsys) -> Non
         "user_category": pl.Int32,
         "ref_time": pl.Int64,
         "history_end": pl.Int32,
+        "target_pos": pl.Int32,
     }
     vocab = pl.read_parquet(out / "vocab/items.parquet")
     assert vocab["index"].to_list() == list(range(1, vocab.height + 1))

@@ -80,8 +80,13 @@ def _as_reference(out: Path, frames: dict[str, pl.DataFrame]) -> list[RefExample
     return result
 
 
-def _reference(rows, out: Path, **kw) -> list[RefExample]:
-    user_index = {u: i for i, u in pl.read_parquet(out / "vocab/users.parquet").iter_rows()}
+def _reference(rows, out: Path | None, users: list[str] | None = None, **kw) -> list[RefExample]:
+    """The naive construction; user indices from `out`'s vocabulary (or, without an output,
+    1.. in the order of `users`, the pipeline's order for these string ids)."""
+    if out is not None:
+        user_index = {u: i for i, u in pl.read_parquet(out / "vocab/users.parquet").iter_rows()}
+    else:
+        user_index = {u: i for i, u in enumerate(users or [], start=1)}
     by_user: dict[str, list[Event]] = {}
     for user, item, ts in dict.fromkeys(rows):  # exact duplicates dropped, first kept
         by_user.setdefault(user, []).append(Event(user, item, f"c{int(item) % 3}", ts))
@@ -112,20 +117,35 @@ def _has_two_sessions(rows) -> bool:
 
 
 @SETTINGS
-@given(logs(), st.sampled_from([0, 6, 90]), st.integers(0, 3))
-def test_paper_split_matches_reference(rows, cap, seed) -> None:
+@given(
+    logs(),
+    st.sampled_from([0, 6, 90]),
+    st.integers(0, 3),
+    st.sampled_from(["leak-free", "reference"]),
+)
+def test_paper_split_matches_reference(rows, cap, seed, protocol) -> None:
     if not _has_two_sessions(rows):
         return
     with tempfile.TemporaryDirectory() as tmp:
+        options = dict(max_events_per_user=cap, max_short=0, seed=seed, max_long=4)
         try:
-            out, frames = _run(
-                rows, Path(tmp), max_events_per_user=cap, max_short=0, seed=seed, max_long=4
-            )
-        except ValueError as exc:  # no train or test example at all: must be true of the reference
+            out, frames = _run(rows, Path(tmp), protocol=protocol, **options)
+        except ValueError as exc:  # no train or test example at all: true of the reference too
             assert "produced no" in str(exc)
+            config = PrepareConfig(interactions=Path(tmp) / "log.csv", protocol=protocol, **options)
+            users = sorted({u for u, _, _ in rows})
+            expected = _reference(
+                rows, None, users=users, split="last-session", cap=cap, seed=seed, max_long=4,
+                protocol=config.protocol,
+            )  # fmt: skip
+            splits = {e.split for e in expected}
+            assert "train" not in splits or "test" not in splits
             return
         ours = _as_reference(out, frames)
-        _same(ours, _reference(rows, out, split="last-session", cap=cap, seed=seed, max_long=4))
+        expected = _reference(
+            rows, out, split="last-session", cap=cap, seed=seed, max_long=4, protocol=protocol
+        )
+        _same(ours, expected)
 
 
 @SETTINGS

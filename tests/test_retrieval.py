@@ -331,12 +331,24 @@ def test_a_lone_query_takes_the_short_route_with_the_general_routes_answer(
     short = Retriever(small["indexes"][kind], items)
     general = Retriever(small["indexes"][kind], items)
     monkeypatch.setattr(general, "_search_one", lambda *args: None)
+    answered: list[bool] = []
+    search_one = short._search_one
+
+    def spy(*args):  # records whether the short route settled the query itself
+        found = search_one(*args)
+        answered.append(found is not None)
+        return found
+
+    monkeypatch.setattr(short, "_search_one", spy)
     for query, k, exclude in cases:
         kwargs = {} if exclude is None else {"exclude": [exclude]}
         got = short.search(query, k, **kwargs)
         want = general.search(query, k, **kwargs)
         np.testing.assert_array_equal(got[0], want[0])
         np.testing.assert_array_equal(got[1], want[1])
+    assert len(answered) == len(cases)
+    assert answered[:3] == [True, True, True], "the plain cases are the short route's own"
+    assert answered[-1] is False, "over the candidate budget it must give up"
     assert short.stats.queries == general.stats.queries == len(cases)
     assert short.stats.faiss_calls == general.stats.faiss_calls
     assert short.stats.widened == general.stats.widened

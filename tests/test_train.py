@@ -145,7 +145,7 @@ def test_early_stopping_and_pruning(synthetic: Dataset, tmp_path: Path) -> None:
 
 def test_baselines_train_in_the_same_harness(synthetic: Dataset, tmp_path: Path) -> None:
     pop = fit(small("pop"), synthetic, tmp_path / "pop", mlflow=False, progress=False)
-    assert pop.best_epoch == 0 and pop.test is not None and pop.test["auc"] > 0.55
+    assert pop.best_epoch == 0 and pop.test is not None and pop.test["auc"] > 0.7
     sasrec = fit(
         small("sasrec", epochs=2, heads=2, max_len=10),
         synthetic,
@@ -153,7 +153,9 @@ def test_baselines_train_in_the_same_harness(synthetic: Dataset, tmp_path: Path)
         mlflow=False,
         progress=False,
     )
-    assert sasrec.test is not None and sasrec.test["auc"] > pop.test["auc"] - 0.2
+    # seeded, so the same on every run: far above chance (0.5) and above popularity
+    assert sasrec.test is not None and sasrec.test["auc"] > 0.85
+    assert sasrec.test["ndcg@10"] > 1.2 * pop.test["ndcg@10"]
     assert load_run(tmp_path / "pop", synthetic).model.b.sum().item() > 0
 
 

@@ -28,6 +28,7 @@ MODEL_KINDS: tuple[str, ...] = get_args(ModelKind)
 OPTIMIZERS: tuple[str, ...] = get_args(OptimizerKind)
 LOSSES: tuple[str, ...] = ("bce", "softmax")
 PRESETS: tuple[str, ...] = ("paper", "default")
+PROTOCOLS: tuple[str, ...] = ("leak-free", "reference")
 METRIC_PATTERN = re.compile(r"^(?:(?:hr|ndcg)@[1-9]\d*|mrr|auc|paper_auc)$")
 
 
@@ -124,6 +125,9 @@ class TrainConfig:
     seed: int = 0
     eval_batch_size: int = 1024
     threads: int = 1  # torch intra-op threads (0 = torch default: all cores)
+    # "reference": the paper's published protocol (a `--protocol reference` dataset, test AUC
+    # every 1,000 steps, the best reported): leaky, for reproducing the paper's figure only
+    protocol: str = "leak-free"
 
     def __post_init__(self) -> None:
         owner = "train"
@@ -132,6 +136,7 @@ class TrainConfig:
         _validate_types(self, owner, skip=("model",))
         _check_choice(owner, "optimizer", self.optimizer, OPTIMIZERS)
         _check_choice(owner, "loss", self.loss, LOSSES)
+        _check_choice(owner, "protocol", self.protocol, PROTOCOLS)
         if self.lr <= 0:
             raise ConfigError(f"train.lr: expected a value > 0, got {self.lr!r}")
         for name in ("weight_decay", "l2", "clip"):
@@ -207,8 +212,13 @@ TRAIN_FIELDS: frozenset[str] = frozenset(f.name for f in fields(TrainConfig) if 
 
 # -- presets -----------------------------------------------------------------------------------
 def paper_config(model: str = "tlsan") -> TrainConfig:
-    """The paper's hyper-parameters (TLSAN reference code: SGD lr 1.0, batch 32, clip 5,
-    L2 5e-5 on the embedding tables and P, 20 epochs, one negative per positive)."""
+    """The paper's hyper-parameters (TLSAN reference code: SGD lr 1.0, batches of 32 rows,
+    clip 5, L2 5e-5 on the embedding tables and P, 20 epochs, one negative per positive).
+
+    The reference trains on (positive, label 1) and (negative, label 0) rows shuffled into
+    batches of 32 rows, so a step sees 16 positives and 16 negatives on average and an epoch
+    takes twice as many steps as there are 32-positive batches: our batch counts positives,
+    each with its negative, so 16 reproduces both the step count and the per-step average."""
     _check_choice("config", "model", model, MODEL_KINDS)
     if model == "sasrec":  # Kang & McAuley 2018, sparse Amazon settings
         return TrainConfig(
@@ -225,7 +235,7 @@ def paper_config(model: str = "tlsan") -> TrainConfig:
         optimizer="sgd",
         lr=1.0,
         l2=5e-5,
-        batch_size=32,
+        batch_size=16,  # 32 rows: 16 positives and their negatives
         negatives=1,
         clip=5.0,
         epochs=20,

@@ -311,6 +311,9 @@ class Split:
     keys: Tensor | None  # (nnz,) int64 sorted, when `history` is None
     n_items: int
     history: UserHistory | None = None
+    # (n,) one negative per example drawn once by `tlsan prepare --protocol reference` (the
+    # reference code's fixed negatives); None everywhere else
+    fixed_negatives: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.arrays)
@@ -379,7 +382,10 @@ class Split:
         return neg
 
     def paper_negatives(self, seed: int = 0) -> Tensor:
-        """One seeded negative per example (the paper's AUC protocol), fixed for a seed."""
+        """One seeded negative per example (the paper's AUC protocol), fixed for a seed; the
+        dataset's own fixed negatives under the reference protocol."""
+        if self.fixed_negatives is not None:
+            return self.fixed_negatives
         generator = torch.Generator().manual_seed(seed)
         return self.sample_negatives(torch.arange(len(self)), 1, generator).squeeze(1)
 
@@ -398,6 +404,8 @@ class Split:
             rows = rows[torch.randperm(rows.numel(), generator=generator)]
         for chunk in rows.split(batch_size):
             neg = self.sample_negatives(chunk, negatives, generator) if negatives else None
+            if neg is not None and self.fixed_negatives is not None:
+                neg[:, 0] = self.fixed_negatives[chunk]  # the reference protocol's pair
             yield self.arrays.batch(chunk, neg)
 
 
@@ -443,14 +451,15 @@ class Dataset:
         full = self.split(split)
         rows = rows.to(torch.int64)
         arrays = ExampleArrays(*(getattr(full.arrays, f.name)[rows] for f in fields(ExampleArrays)))
+        fixed = None if full.fixed_negatives is None else full.fixed_negatives[rows]
         if full.history is not None:
-            return replace(full, arrays=arrays)
+            return replace(full, arrays=arrays, fixed_negatives=fixed)
         new_index = torch.full((len(full),), -1, dtype=torch.int64)
         new_index[rows] = torch.arange(rows.numel())
         old = full.seen_keys
         kept = old[new_index[old // full.n_items] >= 0]
         new_keys = new_index[kept // full.n_items] * full.n_items + kept % full.n_items
-        return replace(full, arrays=arrays, keys=torch.sort(new_keys).values)
+        return replace(full, arrays=arrays, keys=torch.sort(new_keys).values, fixed_negatives=fixed)
 
 
 def _pad_left(tensor: Tensor, width: int) -> Tensor:
@@ -572,8 +581,23 @@ def load_dataset(path: Path, splits: tuple[str, ...] = SPLITS) -> Dataset:
             max_short=int(max_lengths.get("short", 0)) or None,
         )
         _check_ranges(file, arrays, sizes, user_start, ev_user.size)
-        loaded[name] = Split(name, arrays, None, sizes.items, history)
+        fixed = _fixed_negatives(file, sizes) if manifest.get("leaky") else None
+        loaded[name] = Split(name, arrays, None, sizes.items, history, fixed)
     return Dataset(path, manifest, sizes, item_category, loaded)
+
+
+def _fixed_negatives(file: Path, sizes: VocabSizes) -> Tensor | None:
+    """The `negative` column of a `--protocol reference` dataset (None where a split has no
+    rows, as its validation split)."""
+    frame = _read_parquet(file, "the reference protocol's fixed negatives", {"negative": pl.Int32})
+    if frame.height == 0:
+        return None
+    values = torch.from_numpy(frame.get_column("negative").to_numpy().astype(np.int64))
+    if int(values.min()) < 1 or int(values.max()) >= sizes.items:
+        raise DataValidationError(
+            f"{file}: column 'negative' has indices outside 1..{sizes.items - 1}"
+        )
+    return values
 
 
 def _check_ranges(

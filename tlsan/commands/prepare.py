@@ -86,6 +86,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--max-short", type=int, metavar="N", help="short-term events kept (0 = whole session)"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the test target choice")
+    p.add_argument(
+        "--protocol",
+        choices=["leak-free", "reference"],
+        default="leak-free",
+        help="reference: the paper's published, leaky protocol (reproduction only; "
+        "last-session split)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress or summary")
     p.set_defaults(func=run)
 
@@ -116,6 +123,7 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
         max_long=args.max_long,
         max_short=values["max_short"],
         seed=args.seed,
+        protocol=args.protocol,
     )
     return apply_preset(config, args.preset, given)
 
@@ -145,4 +153,10 @@ def run(args: argparse.Namespace) -> int:
         console = Console()
         console.print(summary_table(result.manifest))
         console.print(f"dataset written to {result.path} (hash {result.manifest['dataset_hash']})")
+        if result.manifest.get("leaky"):
+            console.print(
+                "[bold red]LEAKY[/]: --protocol reference rebuilds the paper's published "
+                "protocol (test pairs trained on, targets in test sessions); for reproducing "
+                "its figure only"
+            )
     return 0

@@ -59,6 +59,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--register-as", default="tlsan", help="MLflow registered model name ('' = do not register)"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    p.add_argument(
+        "--protocol",
+        choices=["leak-free", "reference"],
+        help="reference: the paper's published, leaky protocol on a `tlsan prepare --protocol "
+        "reference` dataset (test AUC every 1,000 steps, the best reported); reproduction only",
+    )
     hyper = p.add_argument_group("hyper-parameters (override the preset and --config)")
     for name, (kind, text) in HYPER_FLAGS.items():
         hyper.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, help=text)
@@ -77,6 +83,8 @@ def resolve_config(args: argparse.Namespace) -> Any:
     flags = {name: getattr(args, name) for name in HYPER_FLAGS if getattr(args, name) is not None}
     if args.model:
         flags["model"] = args.model
+    if args.protocol:
+        flags["protocol"] = args.protocol
     return config.override(**flags)
 
 
@@ -110,7 +118,9 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         tracking=tracking,
     )
-    if not args.quiet:
+    if not args.quiet and result.leaky:
+        _print_leaky(result, config.model.kind)
+    elif not args.quiet:
         table = Table(title=f"tlsan train: {config.model.kind} (best epoch {result.best_epoch})")
         table.add_column("metric")
         table.add_column("valid", justify="right")
@@ -125,3 +135,21 @@ def run(args: argparse.Namespace) -> int:
             extra += f", registered as {args.register_as} v{result.model_version}"
         console.print(f"run dir {result.run_dir} ({result.wall_s:.1f} s{extra})")
     return 0
+
+
+def _print_leaky(result: Any, kind: str) -> None:
+    """The reference protocol's figures, marked LEAKY wherever they are shown."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from tlsan.reference_protocol import LEAKY_NOTE
+
+    table = Table(title=f"tlsan train: {kind}, --protocol reference (LEAKY)")
+    table.add_column("metric")
+    table.add_column("test, best evaluation (LEAKY)", justify="right")
+    for name, value in (result.test or {}).items():
+        table.add_row(name, f"{value:.4f}")
+    console = Console()
+    console.print(table)
+    console.print(f"[bold red]{LEAKY_NOTE}[/]")
+    console.print(f"run dir {result.run_dir} ({result.wall_s:.1f} s)")
