@@ -33,21 +33,6 @@ def _forward_fill_index(flags: np.ndarray) -> np.ndarray:
     return np.maximum.accumulate(np.where(flags, np.arange(flags.size, dtype=np.int64), 0))
 
 
-def running_count(keys: np.ndarray) -> np.ndarray:
-    """1, 2, 3, ... over the rows of each key, in row order: one stable sort by key and a
-    scatter back (cheaper than hashing every row into a window group)."""
-    order = np.argsort(keys, kind="stable")
-    sorted_keys = keys[order]
-    n = len(order)
-    starts = np.ones(n, dtype=bool)
-    np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=starts[1:])
-    rank = np.arange(n, dtype=np.int64)
-    group_start = np.maximum.accumulate(np.where(starts, rank, 0))
-    counts = np.empty(n, dtype=np.int32)
-    counts[order] = rank - group_start + 1
-    return counts
-
-
 def new_session(rule: SessionRule, timestamp: np.ndarray, first_of_user: np.ndarray) -> np.ndarray:
     """True where an event opens a new session of its user (events sorted by user, time)."""
     boundary = np.ones(timestamp.size, dtype=bool)
@@ -59,6 +44,40 @@ def new_session(rule: SessionRule, timestamp: np.ndarray, first_of_user: np.ndar
     return boundary | first_of_user
 
 
+def _count_and_first(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: 1, 2, 3, ... over the rows of its key (in row order), and the row index of the
+    key's first row; one stable sort by key and a scatter back."""
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    n = len(order)
+    starts = np.ones(n, dtype=bool)
+    np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=starts[1:])
+    rank = np.arange(n, dtype=np.int64)
+    group_start = np.maximum.accumulate(np.where(starts, rank, 0))
+    count = np.empty(n, dtype=np.int64)
+    count[order] = rank - group_start + 1
+    first_row = np.empty(n, dtype=np.int64)
+    first_row[order] = order[group_start]
+    return count, first_row
+
+
+def _running_mode(category: np.ndarray, key: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """The running mode of `category` per user (rows sorted by user; `key` identifies
+    (user, category)), ties to the category whose first event came first. Each event scores
+    its category `count * (n + 1) - first_pos` (n = the user's event count): a category's
+    latest score is its current rank key, so the running maximum of the scores per user
+    (users kept apart by cumulative offsets) sits on an event of the current mode."""
+    count, first_row = _count_and_first(key)
+    starts = np.flatnonzero(first)
+    sizes = np.diff(np.append(starts, key.size)).astype(np.int64)
+    span = (sizes + 1) ** 2  # every score of a user lies in [0, span)
+    base = np.repeat(np.cumsum(span) - span, sizes)
+    first_pos = first_row - np.repeat(starts, sizes)
+    score = base + count * np.repeat(sizes + 1, sizes) - first_pos
+    best = np.maximum.accumulate(score)
+    return category[_forward_fill_index(score == best)]
+
+
 def event_columns(
     user: np.ndarray, category: np.ndarray, timestamp: np.ndarray, rule: SessionRule
 ) -> dict[str, np.ndarray]:
@@ -67,8 +86,8 @@ def event_columns(
     gidx (row number), offset (gidx of the user's first event), pos (position within the
     user), day (UTC day number), session (0-based within the user), session_start (pos of the
     session's first event), session_time (its timestamp) and mode_category (the most frequent
-    category among the user's events so far: a category takes over only when its running
-    count exceeds the best count so far, so ties go to the one that got there first).
+    category among the user's events so far, ties to the category that appeared first: the
+    reference code's `pd.value_counts(categories).index[0]`).
 
     Rows are sorted by user, so per-user quantities come from flags at user and session
     starts, cumulative sums and forward fills, and the running count per (user, category)
@@ -83,15 +102,7 @@ def event_columns(
     np.not_equal(user[1:], user[:-1], out=first[1:])
     offset = _forward_fill_index(first)
     pos = gidx - offset
-
-    count = running_count(user * (1 << 32) + category)
-    shift = user * (1 << 31)
-    best = np.maximum.accumulate(shift + count) - shift  # running max of count per user
-    best_before = np.zeros(n, dtype=np.int64)
-    best_before[1:] = best[:-1]
-    best_before[first] = 0
-    mode_category = category[_forward_fill_index(count > best_before)]
-
+    mode_category = _running_mode(category, user * (1 << 32) + category, first)
     new = new_session(rule, timestamp, first)
     global_session = np.cumsum(new, dtype=np.int64)
     start = _forward_fill_index(new)

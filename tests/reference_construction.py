@@ -55,13 +55,12 @@ def sessions_of(events: list[Event], rule: str, gap: int) -> list[list[int]]:
 
 
 def mode_category(events: list[Event]) -> str | None:
+    """The most frequent category, ties to the one that appeared first (the reference code's
+    `pd.value_counts(categories).index[0]`)."""
     counts: dict[str, int] = {}
-    best, best_count = None, 0
-    for e in events:
+    for e in events:  # dicts keep first-appearance order
         counts[e.category] = counts.get(e.category, 0) + 1
-        if counts[e.category] > best_count:
-            best, best_count = e.category, counts[e.category]
-    return best
+    return max(counts, key=lambda c: counts[c]) if counts else None  # max keeps the first
 
 
 def choice(user_index: int, seed: int, n: int) -> int:
