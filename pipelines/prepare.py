@@ -22,9 +22,9 @@ from pipelines.cleaning import StepCount, clean, sort_events
 from pipelines.config import PrepareConfig
 from pipelines.errors import DataValidationError
 from pipelines.features import attach_features
-from pipelines.negatives import event_negatives, first_positions
 from pipelines.progress import Steps
 from pipelines.reading import item_categories, read_catalog, read_interactions
+from pipelines.reference_draws import first_positions, with_reference_draws
 from pipelines.sessions import event_table
 from pipelines.splits import (
     EXCLUDED,
@@ -66,14 +66,10 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def build_examples(
-    table: pl.DataFrame, config: PrepareConfig, *, n_items: int = 0
-) -> dict[str, pl.DataFrame]:
+def build_examples(table: pl.DataFrame, config: PrepareConfig) -> dict[str, pl.DataFrame]:
     """Examples of each split (positions from one lazy plan, then features per split), plus
-    under EXCLUDED the positions of the paper transitions no split trains on.
-
-    `n_items` (the item vocabulary's size) is needed by `--protocol reference` only, for its
-    fixed negatives."""
+    under EXCLUDED the positions of the paper transitions no split trains on. Under
+    `--protocol reference` the table carries the replayed draws (`with_reference_draws`)."""
     events = table.lazy()
     if config.split == "last-session":
         examples = paper_examples(
@@ -87,7 +83,7 @@ def build_examples(
     positions = examples.collect()
     columns = list(EXAMPLE_COLUMNS)
     if config.protocol == "reference":
-        positions = _with_fixed_negatives(positions, table, n_items, config.seed)
+        positions = _with_fixed_negatives(positions, table)
         columns.append("negative")
     split = positions["split"]
     parts = {
@@ -103,14 +99,11 @@ def build_examples(
     return parts
 
 
-def _with_fixed_negatives(
-    positions: pl.DataFrame, table: pl.DataFrame, n_items: int, seed: int
-) -> pl.DataFrame:
-    """The reference protocol's `negative` column: a training pair takes its target
-    position's negative, the test pair the negative of its target item's first position."""
-    if n_items < 1:
-        raise ValueError("--protocol reference needs the item vocabulary's size")
-    negatives = event_negatives(table, n_items, seed)
+def _with_fixed_negatives(positions: pl.DataFrame, table: pl.DataFrame) -> pl.DataFrame:
+    """The reference protocol's `negative` column (from the table's replayed draws): a
+    training pair takes its target position's negative, the test pair the negative of its
+    target item's first position."""
+    negatives = table["negative"].to_numpy()
     users = positions["user"].to_numpy()
     offsets = positions["offset"].to_numpy()
     at = positions["target_pos"].to_numpy().astype(np.int64)
@@ -136,7 +129,7 @@ def user_blocks(events: pl.DataFrame, size: int | None = None) -> list[pl.DataFr
 
 
 def build_split_examples(
-    events: pl.DataFrame, config: PrepareConfig, *, n_items: int = 0
+    events: pl.DataFrame, config: PrepareConfig
 ) -> tuple[pl.DataFrame, dict[str, pl.DataFrame]]:
     """The event table (the columns events.parquet keeps) and the examples of each split
     (and EXCLUDED), built block by block of whole users."""
@@ -144,7 +137,7 @@ def build_split_examples(
     parts: dict[str, list[pl.DataFrame]] = {name: [] for name in (*SPLITS, EXCLUDED)}
     for block in user_blocks(events):
         table = event_table(block, config.session)
-        for name, examples in build_examples(table, config, n_items=n_items).items():
+        for name, examples in build_examples(table, config).items():
             parts[name].append(examples)
         tables.append(table.select(*EVENT_COLUMNS))
     return (
@@ -235,7 +228,11 @@ def prepare_dataset(
         vocab, indexed = index_events(cleaned, users, items, categories)
         events = _truncate(indexed, config)
     with steps.step("sessions, examples and features"):
-        table, parts = build_split_examples(events, config, n_items=vocab.items.height)
+        if config.protocol == "reference":  # one sequential pass, before the blocks
+            events = with_reference_draws(
+                events, vocab.items.height, config.max_events_per_user, config.seed
+            )
+        table, parts = build_split_examples(events, config)
     excluded = parts.pop(EXCLUDED).height
     examples = pl.concat(list(parts.values()), rechunk=False)
     for name in ("train", "test"):

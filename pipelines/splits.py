@@ -58,6 +58,7 @@ def _sessions(events: pl.DataFrame, cap: int) -> pl.LazyFrame:
         .alias("end"),
         (pl.col("user_end") - pl.col("offset")).alias("n_events"),
         pl.col("session_time").alias("ref_time"),
+        *(["test_draw"] if "test_draw" in events.columns else []),
     )
     m = pl.col("n_events")
     if cap:
@@ -111,23 +112,27 @@ def paper_examples(
         "ref_time",
         train_split.alias("split"),
     )
-    parts = [train, _held_out(sessions.filter("is_test"), item, seed, "test", protocol)]
-    if protocol != "reference":
-        is_valid = (pl.col("session") == pl.col("test_session") - 1) & (pl.col("session") > 0)
-        valid = _held_out(sessions.filter(is_valid), item, seed + VALID_STREAM, "valid", protocol)
-        parts.append(valid)
-    return pl.concat(parts)
+    size = pl.col("end") - pl.col("start")
+    if protocol == "reference":  # the reference code's own random choice, replayed
+        test = _held_out(sessions.filter("is_test"), item, pl.col("test_draw"), "test", protocol)
+        return pl.concat([train, test])
+    test_draw = seeded_choice(pl.col("user"), seed, size)
+    test = _held_out(sessions.filter("is_test"), item, test_draw, "test", protocol)
+    is_valid = (pl.col("session") == pl.col("test_session") - 1) & (pl.col("session") > 0)
+    valid_draw = seeded_choice(pl.col("user"), seed + VALID_STREAM, size)
+    valid = _held_out(sessions.filter(is_valid), item, valid_draw, "valid", protocol)
+    return pl.concat([train, test, valid])
 
 
 def _held_out(
-    sessions: pl.LazyFrame, item: pl.Expr, seed: int, split: str, protocol: Protocol
+    sessions: pl.LazyFrame, item: pl.Expr, draw: pl.Expr, split: str, protocol: Protocol
 ) -> pl.LazyFrame:
     """The test (or validation) example of each of `sessions`: long-term = the events before
-    the session, short-term = its items minus the target, target = its single item or one
-    chosen by `seeded_choice`. Under the reference protocol a single-item session keeps its
-    target in the short-term input (the reference code's leak (b))."""
+    the session, short-term = its items minus the target, target = its `draw`-th item. Under
+    the reference protocol a single-item session keeps its target in the short-term input
+    (the reference code's leak (b))."""
     size = pl.col("end") - pl.col("start")
-    chosen = pl.col("start") + seeded_choice(pl.col("user"), seed, size)
+    chosen = pl.col("start") + draw
     skip = chosen
     if protocol == "reference":
         skip = pl.when(size == 1).then(pl.lit(-1, dtype=pl.Int32)).otherwise(chosen)
