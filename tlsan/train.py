@@ -8,6 +8,9 @@ evaluates the test split once, on the chosen checkpoint. The lower-level pieces:
     make_optimizer(model, config)                the configured optimizer (None for pop)
     train_epoch(model, opt, split, config, gen, rows=...)   one pass over (a subset of) a split
     evaluate_split(model, dataset, "valid")      full-ranking metrics of one split
+
+Under torchrun, `fit(..., context=...)` trains data-parallel: tlsan/distributed.py holds the
+process group, the sharding of each global batch, and rank 0's evaluation and writes.
 """
 
 from __future__ import annotations
@@ -365,8 +368,9 @@ def fit(
                     f"epoch {epoch}: loss {stats.loss:.4f}  valid {metric} {value:.4f}  {others}  "
                     f"({stats.seconds:.1f} s, {stats.examples_per_s:,.0f} ex/s)"
                 )
-            distributed.on_main(
-                ctx, save_checkpoint, run_dir, model=model, optimizer=optimizer, generator=generator,
+            distributed.on_main(  # rank 0 writes; a failure there stops every rank
+                ctx, save_checkpoint,
+                run_dir, model=model, optimizer=optimizer, generator=generator,
                 state=state, best_weights=best_weights if state["best_epoch"] == epoch else None,
             )  # fmt: skip
         if config.patience and state["bad_epochs"] >= config.patience:
