@@ -55,8 +55,9 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 DEVICES: tuple[str, ...] = ("cpu", "cuda")
 # Ranks wait for rank 0 while it evaluates the validation split; a collective that outlasts
-# this fails instead of hanging forever (torchrun also stops every rank when one dies).
-TIMEOUT = timedelta(minutes=int(os.environ.get("TLSAN_DIST_TIMEOUT_MIN", "60")))
+# this many minutes fails instead of hanging forever (torchrun also stops every rank when one
+# dies). TLSAN_DIST_TIMEOUT_MIN overrides it.
+DEFAULT_TIMEOUT_MIN = 60
 
 
 class RankError(TlsanError):
@@ -136,11 +137,12 @@ def session(device: str = "cpu") -> Iterator[Context]:
     if world <= 1:
         yield Context(device=torch_device)
         return
+    timeout = timedelta(minutes=_env_int("TLSAN_DIST_TIMEOUT_MIN", DEFAULT_TIMEOUT_MIN))
     if torch_device.type == "cuda":
         torch.cuda.set_device(torch_device)
-        dist.init_process_group("nccl", timeout=TIMEOUT, device_id=torch_device)
+        dist.init_process_group("nccl", timeout=timeout, device_id=torch_device)
     else:
-        dist.init_process_group("gloo", timeout=TIMEOUT)
+        dist.init_process_group("gloo", timeout=timeout)
     ctx = Context(dist.get_rank(), dist.get_world_size(), local_rank, torch_device)
     try:
         yield ctx
