@@ -7,10 +7,17 @@ subprocess so its peak RSS is its own. Baselines measured in the same run:
   at a time (TLSAN/input.py) versus our vectorised gather + negative sampling;
 - evaluation: scoring one user at a time (a per-user loop) versus batched full ranking.
 Targets on the 2-core dev machine: a TLSAN `paper` epoch on Digital_Music <= 5 s, full-ranking
-evaluation of all its test users <= 1 s. Prints one JSON document.
+evaluation of all its test users <= 1 s.
+Data parallel (`data_parallel`): the same `tlsan train` command on Digital_Music with 1 process
+(no torchrun) and with N processes (`torchrun --standalone --nproc-per-node N`, gloo), in
+alternating rounds on the same prepared dataset; training examples/s of the whole job (every
+rank's examples over the slowest rank's seconds, from history.json) and the ratio to 1 process.
+On a 2-core machine shared with other jobs only the ratio within one run means anything.
+Prints one JSON document.
 
     python benchmarks/train.py
     python benchmarks/train.py --synthetic-events 2000000 --steps 300
+    python benchmarks/train.py --section data_parallel --dp-processes 1,2 --dp-rounds 3
 """
 
 from __future__ import annotations
@@ -232,6 +239,79 @@ def section_synthetic(
     return out
 
 
+def _train_command(processes: int, args: list[str]) -> list[str]:
+    """`tlsan train ARGS` in one process, or under torchrun with `processes` gloo ranks."""
+    if processes == 1:
+        return [sys.executable, "-m", "tlsan", "train", *args]
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    return [
+        torchrun,
+        "--standalone",
+        "--nproc-per-node",
+        str(processes),
+        "-m",
+        "tlsan",
+        "train",
+        *args,
+    ]
+
+
+def section_data_parallel(
+    processes: list[int], rounds: int, epochs: int, model: str, preset_name: str
+) -> dict[str, Any]:
+    """Training examples/s of 1 and N processes on Digital_Music, rounds interleaved."""
+    from pipelines.config import PrepareConfig, apply_preset
+    from pipelines.prepare import prepare_dataset
+
+    out: dict[str, Any] = {
+        "model": model,
+        "preset": preset_name,
+        "epochs_per_run": epochs,
+        "rounds": rounds,
+        "note": "examples/s of the whole job (all ranks' examples / slowest rank's seconds), "
+        "median over runs of each run's median epoch; the machine is shared: read the ratios",
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        config = apply_preset(
+            PrepareConfig(
+                interactions=SHARED / "Digital_Music.interactions.csv",
+                items=SHARED / "Digital_Music.items.csv",
+            ),
+            "paper",
+            set(),
+        )
+        data = prepare_dataset(config, Path(tmp) / "dm", progress=False).path
+        rates: dict[int, list[float]] = {n: [] for n in processes}
+        walls: dict[int, list[float]] = {n: [] for n in processes}
+        for round_ in range(rounds):
+            for n in processes:
+                run = Path(tmp) / f"run-{n}-{round_}"
+                args = ["--data", str(data), "--out", str(run), "--model", model]
+                args += ["--preset", preset_name, "--epochs", str(epochs), "--patience", "0"]
+                args += ["--no-mlflow", "--quiet"]
+                start = time.perf_counter()
+                done = subprocess.run(
+                    _train_command(n, args), capture_output=True, text=True, cwd=tmp, check=False
+                )
+                walls[n].append(time.perf_counter() - start)
+                if done.returncode != 0:
+                    return {**out, "error": done.stderr.strip().splitlines()[-5:]}
+                history = json.loads((run / "history.json").read_text())["epochs"]
+                rates[n].append(statistics.median(e["examples_per_s"] for e in history))
+    base = statistics.median(rates[processes[0]])
+    out["runs"] = {
+        str(n): {
+            "examples_per_s_median": statistics.median(rates[n]),
+            "examples_per_s_per_process": statistics.median(rates[n]) / n,
+            "examples_per_s_all": rates[n],
+            "wall_s_median": statistics.median(walls[n]),
+            f"ratio_to_{processes[0]}_process": statistics.median(rates[n]) / base,
+        }
+        for n in processes
+    }
+    return out
+
+
 def _subprocess(args: list[str]) -> dict[str, Any]:
     done = subprocess.run(
         [sys.executable, __file__, *args], capture_output=True, text=True, cwd=ROOT, check=False
@@ -243,7 +323,7 @@ def _subprocess(args: list[str]) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--section", choices=["digital_music", "synthetic"])
+    parser.add_argument("--section", choices=["digital_music", "synthetic", "data_parallel"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--synthetic-users", type=int, default=20_000)
     parser.add_argument("--synthetic-items", type=int, default=100_000)
@@ -252,10 +332,30 @@ def main() -> None:
         "--steps", type=int, default=200, help="training steps on the synthetic log"
     )
     parser.add_argument("--eval-users", type=int, default=2000, help="synthetic test users ranked")
+    parser.add_argument("--dp-processes", default="1,2", help="training processes to compare")
+    parser.add_argument("--dp-rounds", type=int, default=2, help="interleaved rounds per count")
+    parser.add_argument("--dp-epochs", type=int, default=2, help="epochs per data-parallel run")
+    parser.add_argument("--dp-model", default="tlsan", choices=["tlsan", "sasrec"])
+    parser.add_argument("--dp-preset", default="default", choices=["paper", "default"])
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     if args.section == "digital_music":
         print(json.dumps(section_digital_music(args.repeats)))
+        return
+    dp_args = [
+        "--section", "data_parallel", "--dp-processes", args.dp_processes,
+        "--dp-rounds", str(args.dp_rounds), "--dp-epochs", str(args.dp_epochs),
+        "--dp-model", args.dp_model, "--dp-preset", args.dp_preset,
+    ]  # fmt: skip
+    if args.section == "data_parallel":
+        processes = [int(n) for n in args.dp_processes.split(",")]
+        print(
+            json.dumps(
+                section_data_parallel(
+                    processes, args.dp_rounds, args.dp_epochs, args.dp_model, args.dp_preset
+                )
+            )
+        )
         return
     if args.section == "synthetic":
         result = section_synthetic(
@@ -289,6 +389,7 @@ def main() -> None:
                 str(args.eval_users),
             ]
         ),  # fmt: skip
+        "data_parallel_digital_music": _subprocess(dp_args),
     }
     report["load_average_at_end"] = os.getloadavg()
     print(json.dumps(report, indent=2, default=float))

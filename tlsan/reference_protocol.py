@@ -77,9 +77,10 @@ def fit_reference(
     *,
     tracking: TrackingOptions,
     progress: bool = True,
+    eval_every: int = EVAL_EVERY_STEPS,
 ) -> ReferenceResult:
     """Train `config` for `config.epochs` epochs over all training pairs, evaluate the test
-    split every EVAL_EVERY_STEPS steps and at the end, keep the weights of the best test
+    split every `eval_every` steps and at the end, keep the weights of the best test
     paper_auc, and write the run dir (metrics.json says `leaky`)."""
     from tlsan.train import make_optimizer, new_model, set_threads, train_epoch
 
@@ -118,7 +119,7 @@ def fit_reference(
     def on_step() -> None:
         nonlocal step
         step += 1
-        if step % EVAL_EVERY_STEPS == 0:
+        if step % eval_every == 0:
             evaluate_test()
 
     try:
@@ -127,10 +128,10 @@ def fit_reference(
                 model, optimizer, dataset.train, config, generator, progress=progress,
                 desc=f"epoch {epoch}/{config.epochs}", on_step=on_step,
             )  # fmt: skip
-            if progress:
-                last = history[-1] if history else None
+            if progress and history:
+                last = history[-1]
                 shown = f"test paper_auc {last['paper_auc']:.4f} at step {last['step']}"
-                tqdm.write(f"epoch {epoch}: {shown if last else 'no evaluation yet'}")
+                tqdm.write(f"epoch {epoch}: {shown} (LEAKY protocol)")
         final = evaluate_test() if not history or history[-1]["step"] != step else history[-1]
         assert best_weights is not None
         model.load_state_dict(best_weights)

@@ -8,6 +8,9 @@ evaluates the test split once, on the chosen checkpoint. The lower-level pieces:
     make_optimizer(model, config)                the configured optimizer (None for pop)
     train_epoch(model, opt, split, config, gen, rows=...)   one pass over (a subset of) a split
     evaluate_split(model, dataset, "valid")      full-ranking metrics of one split
+
+Under torchrun, `fit(..., context=...)` trains data-parallel: tlsan/distributed.py holds the
+process group, the sharding of each global batch, and rank 0's evaluation and writes.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from tlsan import distributed
 from tlsan.config import ModelConfig, TrainConfig
 from tlsan.data import Dataset, Split, fold_sessions, load_dataset
 from tlsan.errors import ConfigError, RunError
@@ -165,7 +169,7 @@ def train_epoch(
         optimizer.step()
         if on_step is not None:
             on_step()
-        total += loss.detach() * len(batch)
+        total = total + loss.detach() * len(batch)  # not +=: the loss may live on a GPU
         seen += len(batch)
         if progress and (step % PROGRESS_EVERY == 0 or step == steps):
             elapsed = time.perf_counter() - start
@@ -257,6 +261,7 @@ def fit(
     progress: bool = True,
     evaluate_test: bool = True,
     tracking: TrackingOptions | None = None,
+    context: distributed.Context | None = None,
 ) -> FitResult:
     """Train `config` on `data` into the run dir `out_dir`; see the module docstring.
 
@@ -266,42 +271,68 @@ def fit(
     `out_dir/checkpoint/` (model, optimizer, RNG, epoch, best so far). `evaluate_test=False`
     never reads the test split (tuning). `tracking` sets MLflow's experiment, run name, parent
     run and registered model name; `mlflow=False` switches MLflow off.
+
+    `context` (from `tlsan.distributed.session`) is this process's rank and device under
+    torchrun: every rank trains on its share of each global batch, rank 0 alone evaluates,
+    writes files and tracks, and `on_epoch` runs on every rank with rank 0's metrics.
+    None: one process on the CPU.
     """
     began = time.perf_counter()
-    dataset = data if isinstance(data, Dataset) else load_dataset(Path(data))
+    ctx = context or distributed.single()
+    progress = progress and ctx.is_main
     run_dir = Path(out_dir)
-    resuming = resume and has_checkpoint(run_dir)
-    if not resuming and run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-        raise RunError(
-            f"{run_dir}: already exists and is not a resumable run; choose another --out "
-            "(or pass --resume to continue an interrupted run)"
-        )
-    check_protocol(config, dataset)
-    if config.protocol == "reference":
-        return _fit_reference(config, dataset, run_dir, resume, progress, mlflow, tracking)
-    set_threads(config.threads)
-    model = new_model(config, dataset)
-    optimizer = make_optimizer(model, config)
-    generator = torch.Generator().manual_seed(config.seed)
-    state = _fresh_state(config)
-    best_weights: dict[str, Tensor] | None = None
-    if resuming:
-        saved, best_weights = load_checkpoint(
-            run_dir, model=model, optimizer=optimizer, generator=generator
-        )
-        _check_resume(saved["config"], config, run_dir)
-        state.update({k: v for k, v in saved.items() if k in state and k != "config"})
-        state["config"] = config.to_dict()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with distributed.collective_errors(ctx):  # a failure on one rank stops all of them
+        dataset = data if isinstance(data, Dataset) else load_dataset(Path(data))
+        resuming = resume and has_checkpoint(run_dir)
+        if not resuming and run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+            raise RunError(
+                f"{run_dir}: already exists and is not a resumable run; choose another --out "
+                "(or pass --resume to continue an interrupted run)"
+            )
+        check_protocol(config, dataset)
+        if config.protocol == "reference":
+            if ctx.world_size > 1:
+                raise ConfigError("--protocol reference: one process only, as the reference")
+            return _fit_reference(config, dataset, run_dir, resume, progress, mlflow, tracking)
+        distributed.check_global_batch(config, ctx.world_size)
+        set_threads(config.threads)
+        model = distributed.place(ctx, new_model(config, dataset))
+        optimizer = make_optimizer(model, config)
+        generator = torch.Generator().manual_seed(config.seed)
+        state = _fresh_state(config)
+        best_weights: dict[str, Tensor] | None = None
+        if resuming:
+            saved, best_weights = load_checkpoint(
+                run_dir, model=model, optimizer=optimizer, generator=generator
+            )
+            _check_resume(saved["config"], config, run_dir)
+            state.update({k: v for k, v in saved.items() if k in state and k != "config"})
+            state["config"] = config.to_dict()
+    distributed.check_same_start(ctx, config, dataset, model, generator, state)
+    trainee = distributed.trainer(ctx, model, dataset.train, config)
 
     options = tracking or TrackingOptions()
-    options.enabled = options.enabled and mlflow
+    options.enabled = options.enabled and mlflow and ctx.is_main
     tracker = Tracker(options)
     tags = {"dataset_hash": dataset.dataset_hash, "model_kind": config.model.kind}
     params = {**config.flat(), **{f"vocab_{k}": v for k, v in dataset.sizes.to_dict().items()}}
-    state["mlflow_run_id"] = tracker.start(params, tags, resume_run_id=state["mlflow_run_id"])
+    with distributed.collective_errors(ctx):
+        if ctx.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        state["mlflow_run_id"] = tracker.start(params, tags, resume_run_id=state["mlflow_run_id"])
     ks = validation_ks(config.select_metric)
     metric = config.select_metric
+
+    def evaluate(model: nn.Module, split: str) -> EvalResult:
+        """Once, on rank 0 (and on the CPU); every rank gets the same metrics."""
+        return distributed.metrics_from_main(
+            ctx,
+            lambda: evaluate_split(
+                distributed.cpu_model(ctx, model), dataset, split,
+                ks=ks if split == "valid" else DEFAULT_KS, batch_size=config.eval_batch_size,
+            ),
+        )  # fmt: skip
+
     history: list[dict[str, Any]] = state["history"]
     stopped_early = False
     try:
@@ -311,13 +342,13 @@ def fit(
                 stopped_early = True
                 break
             assert optimizer is not None
+            train = distributed.shard(ctx, dataset.train, epoch, config.seed)
             stats = train_epoch(
-                model, optimizer, dataset.train, config, generator,
+                trainee, optimizer, train, config, generator,
                 progress=progress, desc=f"epoch {epoch}/{config.epochs}",
             )  # fmt: skip
-            valid = evaluate_split(
-                model, dataset, "valid", ks=ks, batch_size=config.eval_batch_size
-            )
+            stats = distributed.epoch_totals(ctx, stats)
+            valid = evaluate(model, "valid")
             record = {
                 "epoch": epoch,
                 "loss": stats.loss,
@@ -348,16 +379,15 @@ def fit(
                     f"epoch {epoch}: loss {stats.loss:.4f}  valid {metric} {value:.4f}  {others}  "
                     f"({stats.seconds:.1f} s, {stats.examples_per_s:,.0f} ex/s)"
                 )
-            save_checkpoint(
+            distributed.on_main(  # rank 0 writes; a failure there stops every rank
+                ctx, save_checkpoint,
                 run_dir, model=model, optimizer=optimizer, generator=generator,
                 state=state, best_weights=best_weights if state["best_epoch"] == epoch else None,
             )  # fmt: skip
         if config.patience and state["bad_epochs"] >= config.patience:
             stopped_early = stopped_early or state["epoch"] < config.epochs
         if best_weights is None:  # nothing trained (pop, or epochs = 0): the model as built
-            valid = evaluate_split(
-                model, dataset, "valid", ks=ks, batch_size=config.eval_batch_size
-            )
+            valid = evaluate(model, "valid")
             history.append({"epoch": 0, "loss": None, **valid.metrics})
             tracker.log_epoch(0, valid.metrics)
             if on_epoch is not None:
@@ -365,14 +395,18 @@ def fit(
             best_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
             state.update(best_value=valid.metrics[metric], best_epoch=0, best_valid=valid.metrics)
         model.load_state_dict(best_weights)
+        distributed.broadcast_weights(ctx, model)  # the chosen checkpoint, bit for bit
+        model = distributed.cpu_model(ctx, model)
         model.eval()
         test = None
         if evaluate_test:
-            test = evaluate_split(model, dataset, "test", batch_size=config.eval_batch_size).metrics
+            test = evaluate(model, "test").metrics
         wall = time.perf_counter() - began
         valid_best: dict[str, float] = state["best_valid"]
-        files = _write_results(run_dir, config, dataset, model, state, valid_best, test, wall)
-        version = tracker.finish(valid_best, test, run_dir, files)
+        files = distributed.on_main(
+            ctx, _write_results, run_dir, config, dataset, model, state, valid_best, test, wall
+        )
+        version = distributed.on_main(ctx, tracker.finish, valid_best, test, run_dir, files)
     except BaseException as exc:
         tracker.end("FAILED" if isinstance(exc, Exception) and not _is_pruned(exc) else "KILLED")
         raise

@@ -3,6 +3,10 @@
 Config resolution: the preset (`--preset`, default `default`) for the model kind, then the
 fields of `--config FILE` (JSON or YAML, flat or nested; a run dir's config.json works too),
 then every flag given on the command line.
+
+Under `torchrun --nproc-per-node N -m tlsan train ...` the N processes train one model
+data-parallel (see tlsan/distributed.py): `--batch-size` stays the global batch, rank 0 alone
+evaluates, writes RUN_DIR and talks to MLflow.
 """
 
 from __future__ import annotations
@@ -65,6 +69,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="reference: the paper's published, leaky protocol on a `tlsan prepare --protocol "
         "reference` dataset (test AUC every 1,000 steps, the best reported); reproduction only",
     )
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="train on the CPU (gloo under torchrun) or on this process's GPU (cuda:LOCAL_RANK, "
+        "NCCL under torchrun); evaluation runs on the CPU",
+    )
     hyper = p.add_argument_group("hyper-parameters (override the preset and --config)")
     for name, (kind, text) in HYPER_FLAGS.items():
         hyper.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, help=text)
@@ -99,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from tlsan import distributed
     from tlsan.tracking import TrackingOptions
     from tlsan.train import fit
 
@@ -109,18 +121,20 @@ def run(args: argparse.Namespace) -> int:
         run_name=args.run_name,
         registered_model_name=args.register_as or None,
     )
-    result = fit(
-        config,
-        args.data,
-        args.out,
-        mlflow=not args.no_mlflow,
-        resume=args.resume,
-        progress=not args.quiet,
-        tracking=tracking,
-    )
-    if not args.quiet and result.leaky:
+    with distributed.session(args.device) as context:
+        result = fit(
+            config,
+            args.data,
+            args.out,
+            mlflow=not args.no_mlflow,
+            resume=args.resume,
+            progress=not args.quiet,
+            tracking=tracking,
+            context=context,
+        )
+    if not args.quiet and context.is_main and result.leaky:
         _print_leaky(result, config.model.kind)
-    elif not args.quiet:
+    elif not args.quiet and context.is_main:
         table = Table(title=f"tlsan train: {config.model.kind} (best epoch {result.best_epoch})")
         table.add_column("metric")
         table.add_column("valid", justify="right")
