@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from pipelines.config import UNKNOWN_CATEGORY, ColumnMap, FileFormat, TimeUnit
@@ -106,9 +107,21 @@ def _as_id(values: pl.Series) -> pl.Series:
         return values.to_frame("v").select(pl.when(whole).then(pl.col("v").cast(pl.Int64)))[:, 0]
     text = values.cast(pl.String)
     as_int = text.cast(pl.Int64, strict=False)
-    if as_int.null_count() == text.null_count() and (as_int.cast(pl.String) == text).all():
+    if as_int.null_count() == text.null_count() and _canonical(text, as_int):
         return as_int
     return text
+
+
+_POWERS_OF_TEN = 10 ** np.arange(1, 19, dtype=np.int64)
+
+
+def _canonical(text: pl.Series, as_int: pl.Series) -> bool:
+    """Is every text exactly its integer's decimal form? Any other form that parses (a sign,
+    padding, leading zeros) is longer, so comparing lengths is enough (and far cheaper than
+    formatting every integer back to text)."""
+    values = as_int.drop_nulls().to_numpy()
+    digits = np.searchsorted(_POWERS_OF_TEN, np.abs(values), side="right") + 1 + (values < 0)
+    return bool(np.array_equal(digits, text.drop_nulls().str.len_bytes().to_numpy()))
 
 
 def same_id_type(left: pl.DataFrame, right: pl.DataFrame, column: str) -> tuple[pl.DataFrame, ...]:
@@ -123,7 +136,7 @@ def _as_seconds(raw: pl.Series, unit: TimeUnit) -> pl.Series:
     """Timestamps as int64 unix seconds, or null where the value cannot be parsed.
 
     Text is parsed as an integer first (a cheap cast); only the rows where that fails are
-    stripped and parsed again, as an integer and then as ISO-8601 (which costs ~100x more per
+    stripped and parsed again, as an integer and then as ISO-8601 (which costs ~1000x more per
     row, so it never runs on a column of integers).
     """
     div = _UNIT_DIVISOR[unit]
@@ -144,11 +157,25 @@ def _as_seconds(raw: pl.Series, unit: TimeUnit) -> pl.Series:
 
 
 def _text_seconds(text: pl.Series, div: int) -> pl.Series:
-    """Seconds of timestamps the plain integer cast rejected: padded integers or ISO-8601."""
+    """Seconds of timestamps the plain integer cast rejected: padded integers or ISO-8601.
+
+    Polars infers one ISO-8601 layout per parse, so the rows a parse leaves unparsed are
+    parsed again (dates next to date-times, `Z` next to `+02:00`) until one adds nothing.
+    """
     stripped = text.str.strip_chars()
-    as_int = stripped.cast(pl.Int64, strict=False)
-    as_iso = stripped.str.to_datetime(time_zone="UTC", strict=False, time_unit="us").dt.epoch("s")
-    return (as_int // div).fill_null(as_iso)
+    seconds = stripped.cast(pl.Int64, strict=False) // div
+    while True:
+        missing = (seconds.is_null() & stripped.is_not_null()).arg_true()
+        if missing.len() == 0:
+            return seconds
+        parsed = (
+            stripped.gather(missing)
+            .str.to_datetime(time_zone="UTC", strict=False, time_unit="us")
+            .dt.epoch("s")
+        )
+        if parsed.null_count() == parsed.len():
+            return seconds
+        seconds = seconds.scatter(missing, parsed)
 
 
 def _examples(frame: pl.DataFrame, mask: pl.Series, columns: list[str]) -> str:
