@@ -57,8 +57,18 @@ def _lists(offsets: np.ndarray, values: np.ndarray, name: str) -> pl.Series:
     """A list column from Arrow-style offsets and flat values (no explode, no group_by)."""
     import pyarrow as pa
 
-    array = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values))
+    array = pa.LargeListArray.from_arrays(_arrow(offsets), _arrow(values))
     return pl.Series(name, array)
+
+
+def _arrow(values: np.ndarray) -> object:
+    """A NumPy array as an Arrow array over the same buffer. (`pa.array` would import pandas
+    to look for pandas objects: about a second, paid by every prepare and the first request.)"""
+    import pyarrow as pa
+
+    values = np.ascontiguousarray(values)
+    kind = pa.from_numpy_dtype(values.dtype)
+    return pa.Array.from_buffers(kind, len(values), [None, pa.py_buffer(values)])
 
 
 def _keep(offsets: np.ndarray, keep: np.ndarray, tail: int = 0) -> tuple[np.ndarray, np.ndarray]:

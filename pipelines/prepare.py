@@ -1,15 +1,17 @@
 """`prepare_dataset`: raw log → validated, cleaned, sessionised, split TLSAN dataset directory.
 
 The steps run in a fixed order (read, categories, clean, index, sessions, examples, write);
-the layout of the result is documented in docs/dataset-format.md.
+the layout of the result is documented in docs/dataset-format.md. Sessions, examples and
+features are built block by block of whole users by `build_block`, in process (the Polars
+engine) or on Ray (`pipelines.ray_engine`), and every block is appended to the files as soon
+as it is built (`pipelines.writing`), so memory does not grow with the examples.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ import polars as pl
 from pipelines.atomic import atomic_directory, check_output
 from pipelines.cleaning import StepCount, clean, sort_events
 from pipelines.config import PrepareConfig
+from pipelines.engine import EngineConfig
 from pipelines.errors import DataValidationError
 from pipelines.features import attach_features
 from pipelines.progress import Steps
@@ -33,6 +36,7 @@ from pipelines.splits import (
     time_examples,
 )
 from pipelines.vocab import Codebook, Vocabularies, index_events
+from pipelines.writing import Block, WrittenDataset, write_blocks
 
 FORMAT_VERSION = 1
 EXAMPLE_COLUMNS = (
@@ -128,22 +132,33 @@ def user_blocks(events: pl.DataFrame, size: int | None = None) -> list[pl.DataFr
     return [events.slice(a, b - a) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
 
 
-def build_split_examples(
-    events: pl.DataFrame, config: PrepareConfig
-) -> tuple[pl.DataFrame, dict[str, pl.DataFrame]]:
-    """The event table (the columns events.parquet keeps) and the examples of each split
-    (and EXCLUDED), built block by block of whole users."""
-    tables: list[pl.DataFrame] = []
-    parts: dict[str, list[pl.DataFrame]] = {name: [] for name in (*SPLITS, EXCLUDED)}
-    for block in user_blocks(events):
-        table = event_table(block, config.session)
-        for name, examples in build_examples(table, config).items():
-            parts[name].append(examples)
-        tables.append(table.select(*EVENT_COLUMNS))
-    return (
-        pl.concat(tables, rechunk=False),
-        {name: pl.concat(frames, rechunk=False) for name, frames in parts.items()},
-    )
+def build_block(events: pl.DataFrame, config: PrepareConfig) -> Block:
+    """One block of whole users (sorted by user, time): its events.parquet rows and its
+    examples of each split. Both engines run exactly this on every block."""
+    table = event_table(events, config.session)
+    return table.select(*EVENT_COLUMNS), build_examples(table, config)
+
+
+def example_blocks(
+    events: pl.DataFrame, config: PrepareConfig, engine: EngineConfig, info: dict[str, Any]
+) -> Iterator[Block]:
+    """The blocks of `events` (sorted by user), built by the chosen engine, in user order;
+    `info` receives what the manifest records about the run."""
+    if engine.name == "ray":
+        from pipelines.ray_engine import ray_blocks  # Ray loads only for --engine ray
+
+        return ray_blocks(events, config, engine, info, CHUNK_EVENTS)
+    blocks = user_blocks(events)
+    info["blocks"] = len(blocks)
+    return (build_block(block, config) for block in blocks)
+
+
+def check_engine(engine: EngineConfig) -> None:
+    """Fail before any work when the engine cannot run (a Ray address that does not answer)."""
+    if engine.name == "ray" and engine.address is not None:
+        from pipelines.ray_engine import check_address
+
+        check_address(engine.address)
 
 
 def _truncate(events: pl.DataFrame, config: PrepareConfig) -> pl.DataFrame:
@@ -181,10 +196,17 @@ def dataset_hash(inputs: dict[str, Any], config: PrepareConfig) -> str:
 
 
 def prepare_dataset(
-    config: PrepareConfig, out: Path, *, overwrite: bool = False, progress: bool = True
+    config: PrepareConfig,
+    out: Path,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    engine: EngineConfig | None = None,
 ) -> PreparedDataset:
     """Run the whole pipeline and write the dataset directory atomically."""
+    engine = engine or EngineConfig()
     check_output(Path(out), overwrite=overwrite)
+    check_engine(engine)
     steps = Steps(enabled=progress)
     with steps.step("read interactions"):
         raw = read_interactions(
@@ -227,14 +249,38 @@ def prepare_dataset(
     with steps.step("index"):
         vocab, indexed = index_events(cleaned, users, items, categories)
         events = _truncate(indexed, config)
-    with steps.step("sessions, examples and features"):
-        if config.protocol == "reference":  # one sequential pass, before the blocks
-            events = with_reference_draws(
-                events, vocab.items.height, config.max_events_per_user, config.seed
-            )
-        table, parts = build_split_examples(events, config)
-    excluded = parts.pop(EXCLUDED).height
-    examples = pl.concat(list(parts.values()), rechunk=False)
+    del cleaned, indexed
+    engine_info = engine.to_json()
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        (tmp / "vocab").mkdir()
+        (tmp / "examples").mkdir()
+        vocab.users.write_parquet(tmp / "vocab/users.parquet")
+        vocab.items.write_parquet(tmp / "vocab/items.parquet")
+        vocab.categories.write_parquet(tmp / "vocab/categories.parquet")
+        with steps.step(f"sessions, examples, features and write ({engine.name})"):
+            if config.protocol == "reference":  # one sequential pass, before the blocks
+                events = with_reference_draws(
+                    events, vocab.items.height, config.max_events_per_user, config.seed
+                )
+            blocks = example_blocks(events, config, engine, engine_info)
+            written = write_blocks(tmp, SPLITS, blocks)
+        manifest = _manifest(config, engine_info, events, vocab, counts, category_info, written)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    steps.finish()
+    return PreparedDataset(Path(out), manifest)
+
+
+def _manifest(
+    config: PrepareConfig,
+    engine_info: dict[str, Any],
+    events: pl.DataFrame,
+    vocab: Vocabularies,
+    counts: list[StepCount],
+    category_info: dict[str, Any],
+    written: WrittenDataset,
+) -> dict[str, Any]:
+    """manifest.json of the written dataset (fails when a split the model needs is empty)."""
+    parts = written.splits
     for name in ("train", "test"):
         if parts[name].height == 0:
             raise DataValidationError(
@@ -250,7 +296,8 @@ def prepare_dataset(
         path = Path(entry["path"])
         entry["sha256"] = file_sha256(path)
         entry["bytes"] = path.stat().st_size
-    example_users = examples["user"].n_unique()
+    example_users = written.users_with_examples
+    excluded = written.dropped.get(EXCLUDED, 0)
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "dataset_hash": dataset_hash(inputs, config),
@@ -258,7 +305,7 @@ def prepare_dataset(
         "inputs": inputs,
         "categories": category_info,
         "steps": [c.to_json() for c in counts],
-        "stats": _stats(events, vocab, examples.height),
+        "stats": _stats(events, vocab, written.examples),
         "protocol": config.protocol,
         "leaky": config.protocol == "reference",
         "counts": {
@@ -278,23 +325,9 @@ def prepare_dataset(
         },
         "vocab_sizes": vocab.sizes(),
         "max_lengths": {
-            "long": int(examples["long_items"].list.len().max() or 0),
-            "short": int(examples["short_items"].list.len().max() or 0),
+            "long": written.max_long,
+            "short": written.max_short,
         },
+        "engine": engine_info,
     }
-    with steps.step("write"), atomic_directory(out, overwrite=overwrite) as tmp:
-        (tmp / "vocab").mkdir()
-        (tmp / "examples").mkdir()
-        files = {
-            "vocab/users.parquet": vocab.users,
-            "vocab/items.parquet": vocab.items,
-            "vocab/categories.parquet": vocab.categories,
-            "events.parquet": table,
-            **{f"examples/{name}.parquet": frame for name, frame in parts.items()},
-        }
-        # Polars writes without the GIL: the large files go out side by side, one per core.
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            list(pool.map(lambda item: item[1].write_parquet(tmp / item[0]), files.items()))
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    steps.finish()
-    return PreparedDataset(Path(out), manifest)
+    return manifest

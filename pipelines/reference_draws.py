@@ -19,6 +19,7 @@ import numpy as np
 import polars as pl
 
 from pipelines.config import SECONDS_PER_DAY
+from pipelines.errors import DataValidationError
 
 REFERENCE_SEED = 1234
 
@@ -38,6 +39,11 @@ def with_reference_draws(events: pl.DataFrame, n_items: int, cap: int, seed: int
     for a, b in zip(bounds[:-1], bounds[1:], strict=True):
         pos_list = items[a:b]
         seen = set(pos_list)
+        if len(seen) >= n_items:  # the reference would loop forever
+            raise DataValidationError(
+                f"--protocol reference: user index {users[a]} interacted with all {n_items} "
+                "items, so no negative can be drawn outside them as the reference code does"
+            )
         for k in range(b - a):  # gen_neg() for every event, in order
             neg = pos_list[0]
             while neg in seen:

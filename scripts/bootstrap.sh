@@ -11,4 +11,4 @@ fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
 # torch==2.13.0 is pinned in pyproject.toml: the CPU wheel; never an open range (CUDA build).
-.venv/bin/python -m pip install -q -e '.[dev,federated]'
+.venv/bin/python -m pip install -q -e '.[dev,federated,ray]'

@@ -6,6 +6,7 @@ same rules must agree example for example.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 DAY = 86_400
@@ -81,7 +82,7 @@ def _held_out(split, user, events, session, r, keep_target, max_long, max_short)
 
 
 def _last_session(
-    user, events, sessions, index, cap, seed, protocol, max_long, max_short
+    user, events, sessions, index, cap, seed, protocol, max_long, max_short, rng
 ) -> list[RefExample]:
     """DESIGN.md's `last-session` split (or, with protocol "reference", the paper's)."""
     m = min(len(events), cap) if cap else len(events)
@@ -97,12 +98,12 @@ def _last_session(
         return []
     reference = protocol == "reference"
     test_session = sessions[test_at]
+    c = len(test_session)
+    # the reference: the builder's random.choice(new_session), only for several items
+    r = (rng.choice(range(c)) if c > 1 else 0) if reference else choice(index, seed, c)
     out = [
-        _held_out(
-            "test", user, events, test_session, choice(index, seed, len(test_session)),
-            reference and len(test_session) == 1, max_long, max_short,
-        )
-    ]  # fmt: skip
+        _held_out("test", user, events, test_session, r, reference and c == 1, max_long, max_short)
+    ]
     valid_at = test_at - 1
     if not reference and valid_at >= 1:
         session = sessions[valid_at]
@@ -151,9 +152,25 @@ def build(
     test_from: int = 0,
     protocol: str = "leak-free",
 ) -> list[RefExample]:
-    """All examples of every user (events already in the pipeline's stable time order)."""
+    """All examples of every user (events already in the pipeline's stable time order).
+
+    With protocol "reference" the test targets come from the reference code's own random
+    stream, replayed: Python's `random` seeded 1234 + seed draws a negative for every event of
+    every user in user order (the builder's `gen_neg`), then a choice in a multi-item test
+    session."""
     out: list[RefExample] = []
-    for user, events in by_user.items():
+    rng = random.Random(1234 + seed)
+    distinct = {e.item for events in by_user.values() for e in events}
+    numeric = all(item.isdigit() for item in distinct)
+    rank = {item: i for i, item in enumerate(sorted(distinct, key=int if numeric else str))}
+    for user, events in sorted(by_user.items(), key=lambda kv: user_index[kv[0]]):
+        if protocol == "reference":
+            seen = {rank[e.item] for e in events}
+            assert len(seen) < len(distinct), "the pipeline refuses such logs"
+            for _ in events:  # the builder's gen_neg(), once per event
+                neg = rank[events[0].item]
+                while neg in seen:
+                    neg = rng.randint(0, len(distinct) - 1)
         if split != "last-session" and cap:
             events = events[:cap]
         sessions = sessions_of(events, rule, gap)
@@ -161,7 +178,7 @@ def build(
             out.extend(
                 _last_session(
                     user, events, sessions, user_index[user], cap, seed, protocol,
-                    max_long, max_short,
+                    max_long, max_short, rng,
                 )
             )  # fmt: skip
             continue

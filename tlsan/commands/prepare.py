@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipelines.config import ColumnMap, PrepareConfig, SessionRule, apply_preset
+from pipelines.engine import ENGINES, EngineConfig
 from pipelines.errors import DataValidationError
 from pipelines.prepare import prepare_dataset
 
@@ -93,6 +94,26 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="reference: the paper's published, leaky protocol (reproduction only; "
         "last-session split)",
     )
+    p.add_argument(
+        "--engine",
+        choices=list(ENGINES),
+        default="polars",
+        help="where sessions, examples and features are built: in this process (polars) or "
+        "as Ray tasks over partitions of the users (ray); both write the same dataset",
+    )
+    p.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="--engine ray: the cluster to use (HOST:PORT of its head, ray://HOST:PORT or "
+        "auto); default: start a local Ray for this run",
+    )
+    p.add_argument(
+        "--ray-partitions",
+        type=int,
+        default=0,
+        metavar="N",
+        help="--engine ray: partitions of the users (default 0 = twice the cluster's CPUs)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress or summary")
     p.set_defaults(func=run)
 
@@ -148,7 +169,10 @@ def summary_table(manifest: dict[str, Any]) -> Table:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    result = prepare_dataset(config, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    engine = EngineConfig(args.engine, args.ray_address, args.ray_partitions)
+    result = prepare_dataset(
+        config, args.out, overwrite=args.overwrite, progress=not args.quiet, engine=engine
+    )
     if not args.quiet:
         console = Console()
         console.print(summary_table(result.manifest))
