@@ -21,8 +21,13 @@ a co-located client would).
     python benchmarks/serve.py                       # trains a small model if --bundle is not given
     python benchmarks/serve.py --bundle out/bundle --data out/dm --retrieval-items 100000
 
+Then `/recommend` with API keys against `/recommend` without (two servers, alternated the
+same way; `--only auth` runs just this): what authentication, scopes and the rate limiter
+cost.
+
 Targets (2-core machine): /recommend throughput >= 50% of the bare endpoint's at the same
-concurrency; p99 <= 25 ms at half the maximum throughput.
+concurrency; p99 <= 25 ms at half the maximum throughput; with API keys >= 95% of the
+throughput without, at 1 and 32 concurrent clients.
 """
 
 from __future__ import annotations
@@ -86,7 +91,13 @@ def percentiles(values: list[float]) -> dict[str, float]:
     return {"p50_ms": pick(0.50), "p95_ms": pick(0.95), "p99_ms": pick(0.99)}
 
 
-async def closed_loop(url: str, bodies: list[bytes], concurrency: int, n: int) -> dict[str, Any]:
+async def closed_loop(
+    url: str,
+    bodies: list[bytes],
+    concurrency: int,
+    n: int,
+    extra_headers: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """`concurrency` clients each sending the next request as soon as the last one answered."""
     import aiohttp
 
@@ -94,7 +105,7 @@ async def closed_loop(url: str, bodies: list[bytes], concurrency: int, n: int) -
     errors: dict[int, int] = {}
     counter = iter(range(n))
     connector = aiohttp.TCPConnector(limit=concurrency)
-    headers = {"content-type": "application/json"}
+    headers = {"content-type": "application/json", **(extra_headers or {})}
     async with aiohttp.ClientSession(connector=connector) as session:
 
         async def client(offset: int) -> None:
@@ -176,6 +187,7 @@ def measure(
     n: int,
     rounds: int,
     servers: dict[str, Any] | None = None,
+    headers: dict[str, dict[str, str]] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Closed-loop runs, interleaved: at each level every server is measured once per round
     (in alternating order), so both see the same background load; the round with the median
@@ -184,8 +196,9 @@ def measure(
     With `servers`, each run also records the server's CPU milliseconds per request: on a
     shared 2-core box it moves less with neighbours' load than throughput does, and it is
     what bounds throughput once the server, not the client, is the bottleneck."""
-    for url in urls.values():
-        asyncio.run(closed_loop(url, bodies, max(levels), min(n, 300)))  # warm-up
+    headers = headers or {}
+    for name, url in urls.items():
+        asyncio.run(closed_loop(url, bodies, max(levels), min(n, 300), headers.get(name)))
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in urls}
     for level in levels:
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in urls}
@@ -194,15 +207,17 @@ def measure(
             for name in names:
                 server = (servers or {}).get(name)
                 before = server_cpu_seconds(server) if server is not None else 0.0
-                run = asyncio.run(closed_loop(urls[name], bodies, level, n))
+                run = asyncio.run(closed_loop(urls[name], bodies, level, n, headers.get(name)))
                 if server is not None:
                     spent = server_cpu_seconds(server) - before
                     run["server_cpu_ms_per_request"] = spent * 1000.0 / n
                 runs[name].append(run)
         for name, done in runs.items():
+            in_order = [r["throughput_rps"] for r in done]
             done.sort(key=lambda r: r["throughput_rps"])
             median = dict(done[len(done) // 2])
             median["rounds_rps"] = [r["throughput_rps"] for r in done]
+            median["rounds_rps_in_order"] = in_order
             results[name].append(median)
             print(f"  {name} c={level}: {median['throughput_rps']:.0f} rps "
                   f"(rounds {[round(r) for r in median['rounds_rps']]}), "
@@ -311,6 +326,65 @@ def run_retrieval(items: int) -> dict[str, Any]:
     return json.loads(proc.stdout)
 
 
+def auth_overhead(
+    work: Path,
+    bodies: list[bytes],
+    env: dict[str, str],
+    levels: list[int],
+    n: int,
+    rounds: int,
+) -> dict[str, Any]:
+    """`/recommend` with and without API keys: the same bundle, store and worker count, two
+    servers measured in alternation (as `measure` does). The key's rate limit is far above
+    any load here, so the gate does all its work (authentication, scope, token bucket) and
+    never refuses."""
+    from tests.servers import bento_server
+    from tlsan.api_keys import create_key
+
+    keys = work / "keys.json"
+    _, token = create_key(keys, "bench", "recommend", rate_limit=1e9, rate_burst=1e9)
+    serve = [sys.executable, "-m", "bentoml", "serve", "serving.service:TlsanService",
+             "--port", "{port}"]  # fmt: skip
+    with (
+        bento_server(serve, env=env) as open_server,
+        bento_server(serve, env={**env, "TLSAN_API_KEYS_FILE": str(keys)}) as auth_server,
+    ):
+        both = measure(
+            {"open": f"{open_server.url}/recommend", "auth": f"{auth_server.url}/recommend"},
+            bodies,
+            levels,
+            n,
+            rounds,
+            servers={"open": open_server, "auth": auth_server},
+            headers={"auth": {"authorization": f"Bearer {token}"}},
+        )
+    ratios = {
+        str(o["concurrency"]): a["throughput_rps"] / o["throughput_rps"]
+        for o, a in zip(both["open"], both["auth"], strict=True)
+    }
+    # Each round measures both servers back to back, so a round's ratio sees one load;
+    # the median of the rounds' ratios is the figure least moved by the neighbours' load.
+    paired = {
+        str(o["concurrency"]): [
+            a_rps / o_rps
+            for o_rps, a_rps in zip(o["rounds_rps_in_order"], a["rounds_rps_in_order"], strict=True)
+        ]
+        for o, a in zip(both["open"], both["auth"], strict=True)
+    }
+    return {
+        "open": both["open"],
+        "auth": both["auth"],
+        "ratio_auth_to_open": ratios,
+        "round_ratios_auth_to_open": paired,
+        "median_round_ratio_auth_to_open": {c: statistics.median(r) for c, r in paired.items()},
+        "server_cpu_ratio_open_to_auth": {
+            str(o["concurrency"]): o["server_cpu_ms_per_request"] / a["server_cpu_ms_per_request"]
+            for o, a in zip(both["open"], both["auth"], strict=True)
+        },
+        "target_auth_ratio_ge_0.95": {c: statistics.median(r) >= 0.95 for c, r in paired.items()},
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bundle", type=Path, help="bundle to serve (default: train one)")
@@ -323,8 +397,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--open-loop-requests", type=int, default=2000)
     parser.add_argument("--retrieval-items", type=int, default=1_000_000, help="0 = skip")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--auth-concurrency", default="1,32", help="levels of the auth on/off comparison"
+    )
+    parser.add_argument(
+        "--only", choices=("all", "auth"), default="all", help="auth: just the auth on/off run"
+    )
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
+    auth_levels = [int(c) for c in args.auth_concurrency.split(",")]
 
     from feature_store import open_store
     from feature_store.materialize import materialize
@@ -368,8 +449,16 @@ def main(argv: list[str] | None = None) -> int:
             "requests_per_level": args.requests,
             "rounds_per_level": args.rounds,
         }
-        print("load tests: bare BentoML endpoint vs /recommend ...", file=sys.stderr)
         rec_env = {**env, "TLSAN_BUNDLE": str(bundle), "TLSAN_STORE": store_url}
+        if args.only == "auth":
+            print("load tests: /recommend with and without API keys ...", file=sys.stderr)
+            report["auth_overhead"] = auth_overhead(
+                work, bodies, rec_env, auth_levels, args.requests, args.rounds
+            )
+            report["machine"]["load_average_after"] = os.getloadavg()
+            print(json.dumps(report, indent=2))
+            return 0
+        print("load tests: bare BentoML endpoint vs /recommend ...", file=sys.stderr)
         with (
             bento_server(
                 [*serve, "serve:BareService", "--working-dir", str(ROOT / "benchmarks")], env=env
@@ -410,6 +499,10 @@ def main(argv: list[str] | None = None) -> int:
             "p99_le_25ms_at_half_max": half["p99_ms"] <= 25.0,
             "median_ratio": statistics.median(report["ratio_recommend_to_bare"].values()),
         }
+        print("load tests: /recommend with and without API keys ...", file=sys.stderr)
+        report["auth_overhead"] = auth_overhead(
+            work, bodies, rec_env, auth_levels, args.requests, args.rounds
+        )
         print("in-process model path: ONNX Runtime vs PyTorch ...", file=sys.stderr)
         report["in_process_recommend"] = model_step_timing(bundle, store_url, bodies)
         if args.retrieval_items:

@@ -4,7 +4,8 @@ The keys file (`tlsan.api_keys`) is read at start-up and re-read when it changes
 most once a second), so `tlsan keys revoke` takes effect on running workers within a second
 or so; a file that turns invalid is reported once and the previous keys stay in force.
 
-Routes: `/healthz`, `/livez`, `/readyz` and the OpenAPI page (`/`, `/docs.json`) are open;
+Routes: `/healthz`, `/livez`, `/readyz`, the OpenAPI page (`/`, `/docs.json`, its assets) and
+BentoML's client schema (`/schema.json`) are open;
 `/recommend` and `/similar_items` need `recommend`, `/events` needs `events`, `/model`,
 `/metrics` and any other path need `admin`; `"explain": true` also needs `explain` (checked
 once the body is read).
@@ -12,20 +13,23 @@ once the body is read).
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tlsan.api_keys import KeyRecord, hash_secret, read_keys, split_token
+from tlsan.api_keys import KeyRecord, read_keys, split_token
 from tlsan.errors import ConfigError
 
 logger = logging.getLogger("bentoml.tlsan.auth")
 
-OPEN_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/", "/docs.json"})
+OPEN_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/", "/docs.json", "/schema.json"})
+OPEN_PREFIXES = ("/assets/", "/static_content/")  # the OpenAPI page's scripts and styles
 HEALTH_PATHS = frozenset({"/healthz", "/livez", "/readyz"})
 ROUTE_SCOPES = {
     "/recommend": "recommend",
@@ -34,12 +38,11 @@ ROUTE_SCOPES = {
     "/model": "admin",
     "/metrics": "admin",
 }
-_DUMMY_SALT, _DUMMY_HASH = "00" * 16, "0" * 64
 
 
 def required_scope(path: str) -> str | None:
     """The scope a path needs (None: open to anyone). Unknown paths need `admin`."""
-    if path in OPEN_PATHS:
+    if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
         return None
     return ROUTE_SCOPES.get(path, "admin")
 
@@ -64,6 +67,19 @@ class AuthError(Exception):
         self.key_id = key_id
 
 
+@dataclass(frozen=True)
+class _Entry:
+    """A key as the request path needs it: salt and hash as bytes, the principal made once."""
+
+    salt: bytes
+    digest: bytes
+    principal: Principal
+
+
+_BEARER = re.compile(rb"[Bb][Ee][Aa][Rr][Ee][Rr] +(\S+)\s*")
+_DUMMY = _Entry(bytes(16), bytes(32), Principal("", "", frozenset(), None, None))
+
+
 class KeyRing:
     """The active keys of a keys file, reloaded when the file changes."""
 
@@ -73,9 +89,9 @@ class KeyRing:
         self.path = Path(path)
         self.check_every = check_every
         self.clock = clock
-        self._keys: dict[str, KeyRecord] = {}
+        self._keys: dict[str, _Entry] = {}
         self._stamp: tuple[int, int, int] | None = None
-        self._next_check = 0.0
+        self._next_check = clock() + check_every
         self._reported: tuple[int, int, int] | None = None
         self.reload()
 
@@ -89,8 +105,7 @@ class KeyRing:
             stamp = self._file_stamp()
         except OSError as exc:
             raise ConfigError(f"{self.path}: cannot read the API keys file ({exc})") from None
-        records = read_keys(self.path)
-        self._keys = {r.id: r for r in records if r.active}
+        self._keys = {r.id: _entry(r) for r in read_keys(self.path) if r.active}
         self._stamp = stamp
 
     @property
@@ -119,27 +134,35 @@ class KeyRing:
         self._refresh()
         if not authorization:
             raise AuthError("missing API key: send 'Authorization: Bearer <key>'", "missing")
-        scheme, _, token = authorization.decode("latin-1").partition(" ")
-        parts = split_token(token.strip()) if scheme.lower() == "bearer" else None
+        bearer = _BEARER.fullmatch(authorization)
+        parts = split_token(bearer.group(1).decode("latin-1")) if bearer else None
         if parts is None:
             raise AuthError(
                 "malformed Authorization header: expected 'Bearer tlsan_<id>_<secret>'",
                 "malformed",
             )
         key_id, secret = parts
-        record = self._keys.get(key_id)
-        if record is None:  # the same work as for a known id: timing tells nothing
-            hmac.compare_digest(hash_secret(_DUMMY_SALT, secret), _DUMMY_HASH)
+        entry = self._keys.get(key_id)
+        # An unknown id costs the same hash and comparison as a known one: timing tells nothing.
+        known = entry or _DUMMY
+        digest = hashlib.sha256(known.salt + secret.encode()).digest()
+        if not hmac.compare_digest(digest, known.digest) or entry is None:
             raise AuthError("invalid or revoked API key", "invalid", key_id)
-        if not record.matches(secret):
-            raise AuthError("invalid or revoked API key", "invalid", key_id)
-        return Principal(
+        return entry.principal
+
+
+def _entry(record: KeyRecord) -> _Entry:
+    return _Entry(
+        salt=bytes.fromhex(record.salt),
+        digest=bytes.fromhex(record.sha256),
+        principal=Principal(
             key_id=record.id,
             name=record.name,
             scopes=frozenset(record.scopes),
             rate_limit=record.rate_limit,
             rate_burst=record.rate_burst,
-        )
+        ),
+    )
 
 
 class HostPolicy:

@@ -49,6 +49,9 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+
+
 def parse_json(body: bytes) -> Any:
     """The JSON value of `body`: UTF-8, no duplicate keys, no NaN/Infinity."""
 
@@ -63,7 +66,7 @@ def parse_json(body: bytes) -> Any:
     except UnicodeDecodeError:
         raise invalid("not UTF-8") from None
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+        return _DECODER.decode(text)
     except _DuplicateKey as exc:
         raise BodyError(
             "duplicate JSON key",

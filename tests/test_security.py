@@ -352,7 +352,7 @@ def _copy(bundle: Path, tmp_path: Path) -> Path:
 
 def _run(
     argv: list[str], env: dict[str, str] | None = None, timeout: float = 240
-) -> subprocess.CompletedProcess[str]:  # noqa: E501
+) -> subprocess.CompletedProcess[str]:
     full = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", **(env or {})}
     full["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), full.get("PYTHONPATH")]))
     return subprocess.run(argv, capture_output=True, text=True, env=full, cwd=ROOT, timeout=timeout)
@@ -404,14 +404,14 @@ def test_corrupt_bundle_starts_no_worker(dm_bundle: tuple[Path, Path], tmp_path:
             "--port",
             port,
         ]
-    )  # noqa: E501
+    )
     assert proc.returncode == 2 and "model.safetensors" in _one_line(proc.stderr)
     assert proc.stdout == ""
     env = {"TLSAN_BUNDLE": str(bundle), "TLSAN_STORE": store}
     proc = _run(
         [sys.executable, "-m", "bentoml", "serve", "serving.service:TlsanService", "--port", port],
         env,
-    )  # noqa: E501
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "model.safetensors" in _one_line(proc.stderr + proc.stdout)
     assert "Starting production" not in proc.stdout + proc.stderr
@@ -460,7 +460,7 @@ def test_store_and_keys_problems_are_refused_before_starting(
 
 def test_a_bento_refuses_a_public_bind_without_keys(
     dm_bundle: tuple[Path, Path], tmp_path: Path
-) -> None:  # noqa: E501
+) -> None:
     env = {"TLSAN_BUNDLE": str(dm_bundle[1]), "TLSAN_STORE": f"sqlite:///{tmp_path / 's.db'}"}
     port = str(free_port())
     proc = _run(
@@ -476,14 +476,14 @@ def test_a_bento_refuses_a_public_bind_without_keys(
             port,
         ],
         env,
-    )  # noqa: E501
+    )
     assert proc.returncode == 2
     assert "without API keys" in _one_line(proc.stderr + proc.stdout)
     bad = {**env, "TLSAN_MAX_QUEUE": "lots"}
     proc = _run(
         [sys.executable, "-m", "bentoml", "serve", "serving.service:TlsanService", "--port", port],
         bad,
-    )  # noqa: E501
+    )
     assert proc.returncode == 2 and "TLSAN_MAX_QUEUE" in _one_line(proc.stderr + proc.stdout)
 
 
@@ -491,7 +491,8 @@ def test_a_worker_that_cannot_load_stops_the_server(
     dm_bundle: tuple[Path, Path], tmp_path: Path
 ) -> None:
     """Checksums that match but item vectors from other weights: only the worker finds out.
-    The server exits non-zero instead of restarting the worker forever."""
+    The server (a plain `bentoml serve`, the bento's route; `tlsan serve` runs it and
+    returns its status) exits non-zero instead of restarting the worker forever."""
     from safetensors.numpy import load_file, save_file
 
     bundle = _copy(dm_bundle[1], tmp_path)
@@ -504,24 +505,12 @@ def test_a_worker_that_cannot_load_stops_the_server(
         "bytes": vectors_file.stat().st_size,
     }
     (bundle / "manifest.json").write_text(json.dumps(manifest))
-    store = f"sqlite:///{tmp_path / 'store.db'}"
-    proc = _run(
-        [
-            sys.executable,
-            "-m",
-            "tlsan",
-            "serve",
-            "--bundle",
-            str(bundle),
-            "--store",
-            store,
-            "--port",
-            str(free_port()),
-        ],
-        timeout=300,
-    )  # noqa: E501
+    env = {"TLSAN_BUNDLE": str(bundle), "TLSAN_STORE": f"sqlite:///{tmp_path / 'store.db'}"}
+    serve = [sys.executable, "-m", "bentoml", "serve", "serving.service:TlsanService"]
+    proc = _run([*serve, "--port", str(free_port())], env, timeout=300)  # as a bento would run
     assert proc.returncode == 3, proc.stderr[-3000:]
     output = proc.stdout + proc.stderr
+    assert "listening on http://127.0.0.1:" in output  # no --host: loopback, the safe default
     assert "a worker could not start" in output and "does not match the bundled weights" in output
     assert output.count("worker cannot start") <= 3  # stopped, not restarted in a loop
     assert "Traceback" not in output
@@ -544,7 +533,7 @@ def test_tlsan_keys_create_list_revoke(tmp_path: Path, capsys: pytest.CaptureFix
             ]
         )
         == 0
-    )  # noqa: E501
+    )
     out = capsys.readouterr()
     token = out.out.splitlines()[-1]
     assert out.out == token + "\n" and token.startswith("tlsan_")
@@ -578,7 +567,7 @@ def test_tlsan_keys_create_list_revoke(tmp_path: Path, capsys: pytest.CaptureFix
 )
 def test_malformed_keys_files_name_what_is_wrong(
     tmp_path: Path, content: str, expected: str
-) -> None:  # noqa: E501
+) -> None:
     path = tmp_path / "keys.json"
     path.write_text(content)
     with pytest.raises(ConfigError, match=expected.replace("[", r"\[").replace("]", r"\]")):
@@ -656,7 +645,7 @@ def test_strict_json_reader() -> None:
     with pytest.raises(BodyError) as info:
         validate(
             EventsRequest, b'{"user_id": "u", "events": [{"item_id": "i\\u0000", "timestamp": 1}]}'
-        )  # noqa: E501
+        )
     assert info.value.field == "events.0.item_id"
     assert "i\x00" not in str(info.value)  # the message names the field, not the value
 
@@ -675,7 +664,7 @@ def test_host_policy() -> None:
 def test_log_filter_escapes_and_access_lines() -> None:
     record = logging.LogRecord(
         "bentoml.access", logging.INFO, __file__, 1, "path=%s", ("/a\nb\u2028c\x1b",), None
-    )  # noqa: E501
+    )
     assert OneLineFilter().filter(record)
     assert record.getMessage() == "path=/a\\nb\\u2028c\\x1b"
     assert escape("x" * 10, 4) == "xxxx..."
@@ -708,7 +697,7 @@ def test_openapi_document_lists_every_answer() -> None:
     assert {"200", "400", "401", "403", "413", "415", "429", "503", "504"} <= set(post["responses"])
     assert secured["paths"]["/events"]["post"]["responses"]["429"]["headers"]["Retry-After"][
         "required"
-    ]  # noqa: E501
+    ]
     assert "404" in secured["paths"]["/similar_items"]["post"]["responses"]
     assert {"401", "403"} <= set(secured["paths"]["/model"]["get"]["responses"])
     assert secured["paths"]["/healthz"]["get"]["security"] == []
@@ -718,3 +707,18 @@ def test_openapi_document_lists_every_answer() -> None:
     assert '"maximum": 9223372036854775807' in schema and '"type": "integer"' in schema
     error = secured["components"]["schemas"]["ErrorBody"]
     assert error["properties"]["detail"]["type"] == "array"
+
+
+def test_a_bento_is_safe_by_default() -> None:
+    """bentofile.yaml turns nothing off, and the service's own bind default is loopback."""
+    import yaml
+
+    from serving.service import TlsanService
+    from tlsan.serve_settings import is_loopback
+
+    bento = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
+    assert bento["service"] == "serving.service:TlsanService"
+    envs = {e["name"]: str(e.get("value", "")) for e in bento.get("envs", [])}
+    assert envs.get("TLSAN_INSECURE_NO_AUTH", "0") in ("", "0")
+    assert "TLSAN_ALLOWED_HOSTS" not in envs and "BENTOML_HOST" not in envs
+    assert is_loopback(str(TlsanService.config["http"]["host"]))

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -382,23 +384,46 @@ def test_serve_refuses_bad_bundles_and_stores_before_starting(
 def test_acknowledged_events_survive_killing_the_server(
     deployment: Deployment, tmp_path: Path
 ) -> None:
+    """Four writers in flight on two workers when the whole server is SIGKILLed: every
+    event the server acknowledged is in the store afterwards (and nothing that was not sent)."""
     url = f"sqlite:///{tmp_path / 'durable.db'}"
     command = [sys.executable, "-m", "tlsan", "serve", "--bundle", str(deployment.bundle.path),
-               "--store", url, "--port", "{port}"]  # fmt: skip
-    acknowledged: list[tuple[str, Event]] = []
+               "--store", url, "--port", "{port}", "--workers", "2"]  # fmt: skip
     item_ids = deployment.bundle.items["item_id"].to_list()
-    with bento_server(command) as srv, httpx.Client(base_url=srv.url) as client:
-        for n in range(40):
-            user = f"durable-{n % 4}"
-            event = Event(item_ids[n], 1_700_000_000 + n)
-            response = client.post(
-                "/events",
-                json={"user_id": user, "events": [{"item_id": event.item_id, "timestamp": event.timestamp}]},
-            )  # fmt: skip
-            assert response.status_code == 200 and response.json()["stored"] == 1
-            acknowledged.append((user, event))
-        srv.kill()  # SIGKILL the launcher, the arbiter and the worker at once
+    acknowledged: dict[str, list[Event]] = {f"durable-{w}": [] for w in range(4)}
+    sent: dict[str, list[Event]] = {user: [] for user in acknowledged}
+    stop = threading.Event()
+
+    def writer(user: str, srv: BentoServer) -> None:
+        with httpx.Client(base_url=srv.url, timeout=30) as client:
+            for n in range(300):
+                if stop.is_set():
+                    return
+                event = Event(item_ids[n % len(item_ids)], 1_700_000_000 + n)
+                sent[user].append(event)
+                body = {"user_id": user, "events": [{"item_id": event.item_id, "timestamp": event.timestamp}]}  # fmt: skip
+                try:
+                    response = client.post("/events", json=body)
+                except httpx.HTTPError:
+                    return  # the server is gone
+                if response.status_code == 200 and response.json()["stored"] == 1:
+                    acknowledged[user].append(event)
+
+    with bento_server(command) as srv:
+        threads = [threading.Thread(target=writer, args=(u, srv)) for u in acknowledged]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 120
+        while sum(map(len, acknowledged.values())) < 80 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        srv.kill()  # SIGKILL the launcher, the arbiter and the workers at once, writers in flight
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
         assert all(not p.is_running() for p in srv.processes())
+    assert sum(map(len, acknowledged.values())) >= 80
     with open_store(url) as store:
-        for user in {u for u, _ in acknowledged}:
-            assert store.recent(user) == [e for u, e in acknowledged if u == user]
+        for user, events in acknowledged.items():
+            stored = store.recent(user)
+            assert set(events) <= set(stored), user
+            assert set(stored) <= set(sent[user]), user
