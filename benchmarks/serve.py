@@ -21,9 +21,10 @@ a co-located client would).
     python benchmarks/serve.py                       # trains a small model if --bundle is not given
     python benchmarks/serve.py --bundle out/bundle --data out/dm --retrieval-items 100000
 
-Then `/recommend` with API keys against `/recommend` without (two servers, alternated the
-same way; `--only auth` runs just this): what authentication, scopes and the rate limiter
-cost.
+Then `/recommend` with API keys against `/recommend` without: two servers loaded at the same
+time by the same number of clients each (`--only auth` runs just this), so that both share
+every moment of the machine's background load; what authentication, scopes and the rate
+limiter cost.
 
 Targets (2-core machine): /recommend throughput >= 50% of the bare endpoint's at the same
 concurrency; p99 <= 25 ms at half the maximum throughput; with API keys >= 95% of the
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import os
@@ -91,13 +93,7 @@ def percentiles(values: list[float]) -> dict[str, float]:
     return {"p50_ms": pick(0.50), "p95_ms": pick(0.95), "p99_ms": pick(0.99)}
 
 
-async def closed_loop(
-    url: str,
-    bodies: list[bytes],
-    concurrency: int,
-    n: int,
-    extra_headers: dict[str, str] | None = None,
-) -> dict[str, Any]:
+async def closed_loop(url: str, bodies: list[bytes], concurrency: int, n: int) -> dict[str, Any]:
     """`concurrency` clients each sending the next request as soon as the last one answered."""
     import aiohttp
 
@@ -105,7 +101,7 @@ async def closed_loop(
     errors: dict[int, int] = {}
     counter = iter(range(n))
     connector = aiohttp.TCPConnector(limit=concurrency)
-    headers = {"content-type": "application/json", **(extra_headers or {})}
+    headers = {"content-type": "application/json"}
     async with aiohttp.ClientSession(connector=connector) as session:
 
         async def client(offset: int) -> None:
@@ -187,7 +183,6 @@ def measure(
     n: int,
     rounds: int,
     servers: dict[str, Any] | None = None,
-    headers: dict[str, dict[str, str]] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Closed-loop runs, interleaved: at each level every server is measured once per round
     (in alternating order), so both see the same background load; the round with the median
@@ -196,9 +191,8 @@ def measure(
     With `servers`, each run also records the server's CPU milliseconds per request: on a
     shared 2-core box it moves less with neighbours' load than throughput does, and it is
     what bounds throughput once the server, not the client, is the bottleneck."""
-    headers = headers or {}
-    for name, url in urls.items():
-        asyncio.run(closed_loop(url, bodies, max(levels), min(n, 300), headers.get(name)))
+    for url in urls.values():
+        asyncio.run(closed_loop(url, bodies, max(levels), min(n, 300)))  # warm-up
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in urls}
     for level in levels:
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in urls}
@@ -207,17 +201,15 @@ def measure(
             for name in names:
                 server = (servers or {}).get(name)
                 before = server_cpu_seconds(server) if server is not None else 0.0
-                run = asyncio.run(closed_loop(urls[name], bodies, level, n, headers.get(name)))
+                run = asyncio.run(closed_loop(urls[name], bodies, level, n))
                 if server is not None:
                     spent = server_cpu_seconds(server) - before
                     run["server_cpu_ms_per_request"] = spent * 1000.0 / n
                 runs[name].append(run)
         for name, done in runs.items():
-            in_order = [r["throughput_rps"] for r in done]
             done.sort(key=lambda r: r["throughput_rps"])
             median = dict(done[len(done) // 2])
             median["rounds_rps"] = [r["throughput_rps"] for r in done]
-            median["rounds_rps_in_order"] = in_order
             results[name].append(median)
             print(f"  {name} c={level}: {median['throughput_rps']:.0f} rps "
                   f"(rounds {[round(r) for r in median['rounds_rps']]}), "
@@ -326,18 +318,89 @@ def run_retrieval(items: int) -> dict[str, Any]:
     return json.loads(proc.stdout)
 
 
+async def side_by_side(
+    urls: dict[str, str],
+    headers: dict[str, dict[str, str]],
+    bodies: list[bytes],
+    concurrency: int,
+    seconds: float,
+) -> dict[str, dict[str, Any]]:
+    """`concurrency` closed-loop clients on each server at the same time for `seconds`: both
+    servers share every moment of the machine's background load, so the ratio of their
+    throughputs measures what differs between them, not when each happened to run."""
+    import aiohttp
+
+    stop_at = time.perf_counter() + seconds
+
+    async def load(name: str) -> dict[str, Any]:
+        latencies: list[float] = []
+        errors: dict[int, int] = {}
+        sent = {"content-type": "application/json", **headers.get(name, {})}
+        connector = aiohttp.TCPConnector(limit=concurrency)
+        async with aiohttp.ClientSession(connector=connector) as session:
+
+            async def client(c: int) -> None:
+                i = c
+                while time.perf_counter() < stop_at:
+                    body = bodies[(i * 7919) % len(bodies)]
+                    i += concurrency
+                    start = time.perf_counter()
+                    async with session.post(urls[name], data=body, headers=sent) as resp:
+                        await resp.read()
+                        if resp.status != 200:
+                            errors[resp.status] = errors.get(resp.status, 0) + 1
+                    latencies.append(time.perf_counter() - start)
+
+            begin = time.perf_counter()
+            await asyncio.gather(*(client(c) for c in range(concurrency)))
+            elapsed = time.perf_counter() - begin
+        return {
+            "requests": len(latencies),
+            "throughput_rps": len(latencies) / elapsed,
+            **percentiles(latencies),
+            "errors": errors,
+        }
+
+    results = await asyncio.gather(*(load(name) for name in urls))
+    return dict(zip(urls, results, strict=True))
+
+
+def auth_check_cost(keys: Path, token: str) -> dict[str, float]:
+    """In process, what the gate adds per request with keys: the key check (header parse,
+    salted SHA-256, constant-time compare) and the token bucket; best of 7 timings of 20,000
+    calls (microseconds), a figure the neighbours' load moves far less than throughput."""
+    import timeit
+
+    from serving.auth import KeyRing
+    from serving.limits import TokenBuckets
+
+    ring, buckets = KeyRing(keys), TokenBuckets()
+    header = f"Bearer {token}".encode()
+    n = 20_000
+
+    def best(stmt: Any) -> float:
+        return min(timeit.repeat(stmt, number=n, repeat=7)) / n * 1e6
+
+    return {
+        "authenticate_us": best(lambda: ring.authenticate(header)),
+        "token_bucket_us": best(lambda: buckets.take("k", 1e9, 1e9)),
+    }
+
+
 def auth_overhead(
     work: Path,
     bodies: list[bytes],
     env: dict[str, str],
     levels: list[int],
-    n: int,
+    seconds: float,
     rounds: int,
 ) -> dict[str, Any]:
     """`/recommend` with and without API keys: the same bundle, store and worker count, two
-    servers measured in alternation (as `measure` does). The key's rate limit is far above
-    any load here, so the gate does all its work (authentication, scope, token bucket) and
-    never refuses."""
+    servers under the same load at the same time (`side_by_side`), `rounds` times per level
+    (two such pairs, alternating);
+    the median of the rounds' throughput ratios is the figure. The key's rate limit is far
+    above any load here, so the gate does all its work (authentication, scope, token
+    bucket) and never refuses. Server CPU per request is recorded alongside."""
     from tests.servers import bento_server
     from tlsan.api_keys import create_key
 
@@ -345,44 +408,66 @@ def auth_overhead(
     _, token = create_key(keys, "bench", "recommend", rate_limit=1e9, rate_burst=1e9)
     serve = [sys.executable, "-m", "bentoml", "serve", "serving.service:TlsanService",
              "--port", "{port}"]  # fmt: skip
-    with (
-        bento_server(serve, env=env) as open_server,
-        bento_server(serve, env={**env, "TLSAN_API_KEYS_FILE": str(keys)}) as auth_server,
-    ):
-        both = measure(
-            {"open": f"{open_server.url}/recommend", "auth": f"{auth_server.url}/recommend"},
-            bodies,
-            levels,
-            n,
-            rounds,
-            servers={"open": open_server, "auth": auth_server},
-            headers={"auth": {"authorization": f"Bearer {token}"}},
-        )
-    ratios = {
-        str(o["concurrency"]): a["throughput_rps"] / o["throughput_rps"]
-        for o, a in zip(both["open"], both["auth"], strict=True)
+    headers = {"auth": {"authorization": f"Bearer {token}"}}
+    auth_env = {**env, "TLSAN_API_KEYS_FILE": str(keys)}
+    report: dict[str, Any] = {"seconds_per_round": seconds, "rounds": rounds, "levels": {}}
+    # Two pairs of servers, started in opposite orders (open then auth, auth then open), used
+    # in alternate rounds: whatever favours the first-started (or second) server cancels out.
+    with contextlib.ExitStack() as stack:
+        first = {"open": stack.enter_context(bento_server(serve, env=env))}
+        first["auth"] = stack.enter_context(bento_server(serve, env=auth_env))
+        second = {"auth": stack.enter_context(bento_server(serve, env=auth_env))}
+        second["open"] = stack.enter_context(bento_server(serve, env=env))
+        pairs = [first, second]
+        for servers in pairs:  # warm-up
+            urls = {name: f"{srv.url}/recommend" for name, srv in servers.items()}
+            asyncio.run(side_by_side(urls, headers, bodies, max(levels), 2.0))
+        for level in levels:
+            rows: list[dict[str, Any]] = []
+            for round_no in range(rounds):
+                servers = pairs[round_no % 2]
+                urls = {name: f"{srv.url}/recommend" for name, srv in servers.items()}
+                cpu = {name: server_cpu_seconds(srv) for name, srv in servers.items()}
+                row = asyncio.run(side_by_side(urls, headers, bodies, level, seconds))
+                for name, srv in servers.items():
+                    spent = server_cpu_seconds(srv) - cpu[name]
+                    row[name]["server_cpu_ms_per_request"] = (
+                        spent * 1000.0 / max(1, row[name]["requests"])
+                    )
+                rows.append(row)
+            ratios = [r["auth"]["throughput_rps"] / r["open"]["throughput_rps"] for r in rows]
+            cpu_ratios = [
+                r["open"]["server_cpu_ms_per_request"] / r["auth"]["server_cpu_ms_per_request"]
+                for r in rows
+            ]
+            report["levels"][str(level)] = {
+                "median_ratio_auth_to_open": statistics.median(ratios),
+                "round_ratios": ratios,
+                "median_server_cpu_ratio_open_to_auth": statistics.median(cpu_ratios),
+                "median_rps": {
+                    name: statistics.median(r[name]["throughput_rps"] for r in rows)
+                    for name in ("open", "auth")
+                },
+                "median_p50_ms": {
+                    name: statistics.median(r[name]["p50_ms"] for r in rows)
+                    for name in ("open", "auth")
+                },
+                "median_p99_ms": {
+                    name: statistics.median(r[name]["p99_ms"] for r in rows)
+                    for name in ("open", "auth")
+                },
+                "errors": {
+                    name: sum(sum(r[name]["errors"].values()) for r in rows)
+                    for name in ("open", "auth")
+                },
+            }
+            print(f"  c={level}: auth/open throughput {statistics.median(ratios):.3f} "
+                  f"(rounds {[round(x, 2) for x in ratios]})", file=sys.stderr)  # fmt: skip
+    report["in_process"] = auth_check_cost(keys, token)
+    report["target_auth_ratio_ge_0.95"] = {
+        level: row["median_ratio_auth_to_open"] >= 0.95 for level, row in report["levels"].items()
     }
-    # Each round measures both servers back to back, so a round's ratio sees one load;
-    # the median of the rounds' ratios is the figure least moved by the neighbours' load.
-    paired = {
-        str(o["concurrency"]): [
-            a_rps / o_rps
-            for o_rps, a_rps in zip(o["rounds_rps_in_order"], a["rounds_rps_in_order"], strict=True)
-        ]
-        for o, a in zip(both["open"], both["auth"], strict=True)
-    }
-    return {
-        "open": both["open"],
-        "auth": both["auth"],
-        "ratio_auth_to_open": ratios,
-        "round_ratios_auth_to_open": paired,
-        "median_round_ratio_auth_to_open": {c: statistics.median(r) for c, r in paired.items()},
-        "server_cpu_ratio_open_to_auth": {
-            str(o["concurrency"]): o["server_cpu_ms_per_request"] / a["server_cpu_ms_per_request"]
-            for o, a in zip(both["open"], both["auth"], strict=True)
-        },
-        "target_auth_ratio_ge_0.95": {c: statistics.median(r) >= 0.95 for c, r in paired.items()},
-    }
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -400,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--auth-concurrency", default="1,32", help="levels of the auth on/off comparison"
     )
+    parser.add_argument("--auth-rounds", type=int, default=16, help="rounds per auth level")
+    parser.add_argument("--auth-seconds", type=float, default=4.0, help="seconds per auth round")
     parser.add_argument(
         "--only", choices=("all", "auth"), default="all", help="auth: just the auth on/off run"
     )
@@ -453,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.only == "auth":
             print("load tests: /recommend with and without API keys ...", file=sys.stderr)
             report["auth_overhead"] = auth_overhead(
-                work, bodies, rec_env, auth_levels, args.requests, args.rounds
+                work, bodies, rec_env, auth_levels, args.auth_seconds, args.auth_rounds
             )
             report["machine"]["load_average_after"] = os.getloadavg()
             print(json.dumps(report, indent=2))
@@ -501,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         print("load tests: /recommend with and without API keys ...", file=sys.stderr)
         report["auth_overhead"] = auth_overhead(
-            work, bodies, rec_env, auth_levels, args.requests, args.rounds
+            work, bodies, rec_env, auth_levels, args.auth_seconds, args.auth_rounds
         )
         print("in-process model path: ONNX Runtime vs PyTorch ...", file=sys.stderr)
         report["in_process_recommend"] = model_step_timing(bundle, store_url, bodies)
