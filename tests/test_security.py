@@ -39,6 +39,8 @@ from tlsan.errors import ConfigError
 from tlsan.serve_settings import ServeSettings, check_bind, settings_from_env
 
 ROOT = Path(__file__).resolve().parents[1]
+TLSAN = [sys.executable, "-m", "tlsan"]
+BENTO_SERVE = [sys.executable, "-m", "bentoml", "serve", "serving.service:TlsanService"]
 
 
 # ------------------------------------------------------------------ the keyed server
@@ -391,27 +393,11 @@ def test_corrupt_bundle_starts_no_worker(dm_bundle: tuple[Path, Path], tmp_path:
     weights.write_bytes(weights.read_bytes()[:1000])
     store = f"sqlite:///{tmp_path / 'store.db'}"
     port = str(free_port())
-    proc = _run(
-        [
-            sys.executable,
-            "-m",
-            "tlsan",
-            "serve",
-            "--bundle",
-            str(bundle),
-            "--store",
-            store,
-            "--port",
-            port,
-        ]
-    )
+    proc = _run([*TLSAN, "serve", "--bundle", str(bundle), "--store", store, "--port", port])
     assert proc.returncode == 2 and "model.safetensors" in _one_line(proc.stderr)
     assert proc.stdout == ""
     env = {"TLSAN_BUNDLE": str(bundle), "TLSAN_STORE": store}
-    proc = _run(
-        [sys.executable, "-m", "bentoml", "serve", "serving.service:TlsanService", "--port", port],
-        env,
-    )
+    proc = _run([*BENTO_SERVE, "--port", port], env)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "model.safetensors" in _one_line(proc.stderr + proc.stdout)
     assert "Starting production" not in proc.stdout + proc.stderr
@@ -463,27 +449,10 @@ def test_a_bento_refuses_a_public_bind_without_keys(
 ) -> None:
     env = {"TLSAN_BUNDLE": str(dm_bundle[1]), "TLSAN_STORE": f"sqlite:///{tmp_path / 's.db'}"}
     port = str(free_port())
-    proc = _run(
-        [
-            sys.executable,
-            "-m",
-            "bentoml",
-            "serve",
-            "serving.service:TlsanService",
-            "--host",
-            "0.0.0.0",
-            "--port",
-            port,
-        ],
-        env,
-    )
+    proc = _run([*BENTO_SERVE, "--host", "0.0.0.0", "--port", port], env)
     assert proc.returncode == 2
     assert "without API keys" in _one_line(proc.stderr + proc.stdout)
-    bad = {**env, "TLSAN_MAX_QUEUE": "lots"}
-    proc = _run(
-        [sys.executable, "-m", "bentoml", "serve", "serving.service:TlsanService", "--port", port],
-        bad,
-    )
+    proc = _run([*BENTO_SERVE, "--port", port], {**env, "TLSAN_MAX_QUEUE": "lots"})
     assert proc.returncode == 2 and "TLSAN_MAX_QUEUE" in _one_line(proc.stderr + proc.stdout)
 
 
@@ -506,8 +475,9 @@ def test_a_worker_that_cannot_load_stops_the_server(
     }
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     env = {"TLSAN_BUNDLE": str(bundle), "TLSAN_STORE": f"sqlite:///{tmp_path / 'store.db'}"}
-    serve = [sys.executable, "-m", "bentoml", "serve", "serving.service:TlsanService"]
-    proc = _run([*serve, "--port", str(free_port())], env, timeout=300)  # as a bento would run
+    proc = _run(
+        [*BENTO_SERVE, "--port", str(free_port())], env, timeout=300
+    )  # as a bento would run
     assert proc.returncode == 3, proc.stderr[-3000:]
     output = proc.stdout + proc.stderr
     assert "listening on http://127.0.0.1:" in output  # no --host: loopback, the safe default
