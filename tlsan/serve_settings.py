@@ -11,7 +11,7 @@ values are a `ConfigError` naming the variable (or the flag) and what was expect
 | TLSAN_ALLOWED_HOSTS | --allowed-hosts | with keys or --insecure-no-auth `*`, else localhost names |
 | TLSAN_RATE_LIMIT | --rate-limit | 100 requests/s per key and worker |
 | TLSAN_RATE_BURST | --rate-burst | twice the rate |
-| TLSAN_USER_EVENTS_PER_MINUTE | --user-events-per-minute | 120 stored events per user and worker |
+| TLSAN_USER_EVENTS_PER_MINUTE | --user-events-per-minute | 600 stored events per user and worker (> one request's 500) |
 | TLSAN_MAX_QUEUE | --max-queue | 128 requests in flight per worker |
 | TLSAN_HEADER_TIMEOUT_S | --header-timeout | 10 s to send a request's headers |
 | TLSAN_MAX_FUTURE_SKEW_S | --max-future-skew | 300 s: later event timestamps are refused |
@@ -44,7 +44,7 @@ SKEW_ENV = "TLSAN_MAX_FUTURE_SKEW_S"
 MAX_BODY_ENV = "TLSAN_MAX_BODY_BYTES"
 
 DEFAULT_RATE = 100.0
-DEFAULT_USER_EVENTS_PER_MINUTE = 120
+DEFAULT_USER_EVENTS_PER_MINUTE = 600
 DEFAULT_MAX_QUEUE = 128
 DEFAULT_HEADER_TIMEOUT_S = 10.0
 DEFAULT_MAX_FUTURE_SKEW_S = 300
