@@ -21,14 +21,21 @@ a co-located client would).
     python benchmarks/serve.py                       # trains a small model if --bundle is not given
     python benchmarks/serve.py --bundle out/bundle --data out/dm --retrieval-items 100000
 
+Then `/recommend` with API keys against `/recommend` without: two servers loaded at the same
+time by the same number of clients each (`--only auth` runs just this), so that both share
+every moment of the machine's background load; what authentication, scopes and the rate
+limiter cost.
+
 Targets (2-core machine): /recommend throughput >= 50% of the bare endpoint's at the same
-concurrency; p99 <= 25 ms at half the maximum throughput.
+concurrency; p99 <= 25 ms at half the maximum throughput; with API keys >= 95% of the
+throughput without, at 1 and 32 concurrent clients.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import os
@@ -311,6 +318,158 @@ def run_retrieval(items: int) -> dict[str, Any]:
     return json.loads(proc.stdout)
 
 
+async def side_by_side(
+    urls: dict[str, str],
+    headers: dict[str, dict[str, str]],
+    bodies: list[bytes],
+    concurrency: int,
+    seconds: float,
+) -> dict[str, dict[str, Any]]:
+    """`concurrency` closed-loop clients on each server at the same time for `seconds`: both
+    servers share every moment of the machine's background load, so the ratio of their
+    throughputs measures what differs between them, not when each happened to run."""
+    import aiohttp
+
+    stop_at = time.perf_counter() + seconds
+
+    async def load(name: str) -> dict[str, Any]:
+        latencies: list[float] = []
+        errors: dict[int, int] = {}
+        sent = {"content-type": "application/json", **headers.get(name, {})}
+        connector = aiohttp.TCPConnector(limit=concurrency)
+        async with aiohttp.ClientSession(connector=connector) as session:
+
+            async def client(c: int) -> None:
+                i = c
+                while time.perf_counter() < stop_at:
+                    body = bodies[(i * 7919) % len(bodies)]
+                    i += concurrency
+                    start = time.perf_counter()
+                    async with session.post(urls[name], data=body, headers=sent) as resp:
+                        await resp.read()
+                        if resp.status != 200:
+                            errors[resp.status] = errors.get(resp.status, 0) + 1
+                    latencies.append(time.perf_counter() - start)
+
+            begin = time.perf_counter()
+            await asyncio.gather(*(client(c) for c in range(concurrency)))
+            elapsed = time.perf_counter() - begin
+        return {
+            "requests": len(latencies),
+            "throughput_rps": len(latencies) / elapsed,
+            **percentiles(latencies),
+            "errors": errors,
+        }
+
+    results = await asyncio.gather(*(load(name) for name in urls))
+    return dict(zip(urls, results, strict=True))
+
+
+def auth_check_cost(keys: Path, token: str) -> dict[str, float]:
+    """In process, what the gate adds per request with keys: the key check (header parse,
+    salted SHA-256, constant-time compare) and the token bucket; best of 7 timings of 20,000
+    calls (microseconds), a figure the neighbours' load moves far less than throughput."""
+    import timeit
+
+    from serving.auth import KeyRing
+    from serving.limits import TokenBuckets
+
+    ring, buckets = KeyRing(keys), TokenBuckets()
+    header = f"Bearer {token}".encode()
+    n = 20_000
+
+    def best(stmt: Any) -> float:
+        return min(timeit.repeat(stmt, number=n, repeat=7)) / n * 1e6
+
+    return {
+        "authenticate_us": best(lambda: ring.authenticate(header)),
+        "token_bucket_us": best(lambda: buckets.take("k", 1e9, 1e9)),
+    }
+
+
+def auth_overhead(
+    work: Path,
+    bodies: list[bytes],
+    env: dict[str, str],
+    levels: list[int],
+    seconds: float,
+    rounds: int,
+) -> dict[str, Any]:
+    """`/recommend` with and without API keys: the same bundle, store and worker count, two
+    servers under the same load at the same time (`side_by_side`), `rounds` times per level
+    (two such pairs, alternating);
+    the median of the rounds' throughput ratios is the figure. The key's rate limit is far
+    above any load here, so the gate does all its work (authentication, scope, token
+    bucket) and never refuses. Server CPU per request is recorded alongside."""
+    from tests.servers import bento_server
+    from tlsan.api_keys import create_key
+
+    keys = work / "keys.json"
+    _, token = create_key(keys, "bench", "recommend", rate_limit=1e9, rate_burst=1e9)
+    serve = [sys.executable, "-m", "bentoml", "serve", "serving.service:TlsanService",
+             "--port", "{port}"]  # fmt: skip
+    headers = {"auth": {"authorization": f"Bearer {token}"}}
+    auth_env = {**env, "TLSAN_API_KEYS_FILE": str(keys)}
+    report: dict[str, Any] = {"seconds_per_round": seconds, "rounds": rounds, "levels": {}}
+    # Two pairs of servers, started in opposite orders (open then auth, auth then open), used
+    # in alternate rounds: whatever favours the first-started (or second) server cancels out.
+    with contextlib.ExitStack() as stack:
+        first = {"open": stack.enter_context(bento_server(serve, env=env))}
+        first["auth"] = stack.enter_context(bento_server(serve, env=auth_env))
+        second = {"auth": stack.enter_context(bento_server(serve, env=auth_env))}
+        second["open"] = stack.enter_context(bento_server(serve, env=env))
+        pairs = [first, second]
+        for servers in pairs:  # warm-up
+            urls = {name: f"{srv.url}/recommend" for name, srv in servers.items()}
+            asyncio.run(side_by_side(urls, headers, bodies, max(levels), 2.0))
+        for level in levels:
+            rows: list[dict[str, Any]] = []
+            for round_no in range(rounds):
+                servers = pairs[round_no % 2]
+                urls = {name: f"{srv.url}/recommend" for name, srv in servers.items()}
+                cpu = {name: server_cpu_seconds(srv) for name, srv in servers.items()}
+                row = asyncio.run(side_by_side(urls, headers, bodies, level, seconds))
+                for name, srv in servers.items():
+                    spent = server_cpu_seconds(srv) - cpu[name]
+                    row[name]["server_cpu_ms_per_request"] = (
+                        spent * 1000.0 / max(1, row[name]["requests"])
+                    )
+                rows.append(row)
+            ratios = [r["auth"]["throughput_rps"] / r["open"]["throughput_rps"] for r in rows]
+            cpu_ratios = [
+                r["open"]["server_cpu_ms_per_request"] / r["auth"]["server_cpu_ms_per_request"]
+                for r in rows
+            ]
+            report["levels"][str(level)] = {
+                "median_ratio_auth_to_open": statistics.median(ratios),
+                "round_ratios": ratios,
+                "median_server_cpu_ratio_open_to_auth": statistics.median(cpu_ratios),
+                "median_rps": {
+                    name: statistics.median(r[name]["throughput_rps"] for r in rows)
+                    for name in ("open", "auth")
+                },
+                "median_p50_ms": {
+                    name: statistics.median(r[name]["p50_ms"] for r in rows)
+                    for name in ("open", "auth")
+                },
+                "median_p99_ms": {
+                    name: statistics.median(r[name]["p99_ms"] for r in rows)
+                    for name in ("open", "auth")
+                },
+                "errors": {
+                    name: sum(sum(r[name]["errors"].values()) for r in rows)
+                    for name in ("open", "auth")
+                },
+            }
+            print(f"  c={level}: auth/open throughput {statistics.median(ratios):.3f} "
+                  f"(rounds {[round(x, 2) for x in ratios]})", file=sys.stderr)  # fmt: skip
+    report["in_process"] = auth_check_cost(keys, token)
+    report["target_auth_ratio_ge_0.95"] = {
+        level: row["median_ratio_auth_to_open"] >= 0.95 for level, row in report["levels"].items()
+    }
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bundle", type=Path, help="bundle to serve (default: train one)")
@@ -323,8 +482,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--open-loop-requests", type=int, default=2000)
     parser.add_argument("--retrieval-items", type=int, default=1_000_000, help="0 = skip")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--auth-concurrency", default="1,32", help="levels of the auth on/off comparison"
+    )
+    parser.add_argument("--auth-rounds", type=int, default=16, help="rounds per auth level")
+    parser.add_argument("--auth-seconds", type=float, default=4.0, help="seconds per auth round")
+    parser.add_argument(
+        "--only", choices=("all", "auth"), default="all", help="auth: just the auth on/off run"
+    )
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
+    auth_levels = [int(c) for c in args.auth_concurrency.split(",")]
 
     from feature_store import open_store
     from feature_store.materialize import materialize
@@ -368,8 +536,16 @@ def main(argv: list[str] | None = None) -> int:
             "requests_per_level": args.requests,
             "rounds_per_level": args.rounds,
         }
-        print("load tests: bare BentoML endpoint vs /recommend ...", file=sys.stderr)
         rec_env = {**env, "TLSAN_BUNDLE": str(bundle), "TLSAN_STORE": store_url}
+        if args.only == "auth":
+            print("load tests: /recommend with and without API keys ...", file=sys.stderr)
+            report["auth_overhead"] = auth_overhead(
+                work, bodies, rec_env, auth_levels, args.auth_seconds, args.auth_rounds
+            )
+            report["machine"]["load_average_after"] = os.getloadavg()
+            print(json.dumps(report, indent=2))
+            return 0
+        print("load tests: bare BentoML endpoint vs /recommend ...", file=sys.stderr)
         with (
             bento_server(
                 [*serve, "serve:BareService", "--working-dir", str(ROOT / "benchmarks")], env=env
@@ -410,6 +586,10 @@ def main(argv: list[str] | None = None) -> int:
             "p99_le_25ms_at_half_max": half["p99_ms"] <= 25.0,
             "median_ratio": statistics.median(report["ratio_recommend_to_bare"].values()),
         }
+        print("load tests: /recommend with and without API keys ...", file=sys.stderr)
+        report["auth_overhead"] = auth_overhead(
+            work, bodies, rec_env, auth_levels, args.auth_seconds, args.auth_rounds
+        )
         print("in-process model path: ONNX Runtime vs PyTorch ...", file=sys.stderr)
         report["in_process_recommend"] = model_step_timing(bundle, store_url, bodies)
         if args.retrieval_items:

@@ -29,8 +29,13 @@ __all__ = [
 _EXPECTED = "expected sqlite:///path/to/file.db or redis://host:port/db"
 
 
-def open_store(url: str | None = None, *, max_events_per_user: int | None = None) -> OnlineStore:
-    """Open (creating if needed) the store at `url`; `max_events_per_user` overrides the URL's."""
+def open_store(
+    url: str | None = None, *, max_events_per_user: int | None = None, create_dirs: bool = True
+) -> OnlineStore:
+    """Open (creating if needed) the store at `url`; `max_events_per_user` overrides the URL's.
+
+    `create_dirs=False` (serving) refuses an SQLite file whose directory does not exist,
+    rather than creating it: a typo in a path should not silently start an empty store."""
     url = DEFAULT_STORE_URL if url is None else url
     if not isinstance(url, str) or "://" not in url:
         raise StoreError(f"store URL {url!r}: {_EXPECTED}")
@@ -43,7 +48,7 @@ def open_store(url: str | None = None, *, max_events_per_user: int | None = None
     cap_text = options.pop("max_events_per_user", DEFAULT_MAX_EVENTS_PER_USER)
     cap = check_cap(cap_text if max_events_per_user is None else max_events_per_user, shown)
     if parts.scheme == "sqlite":
-        return _open_sqlite(url, parts.netloc, parts.path, options, cap)
+        return _open_sqlite(url, parts.netloc, parts.path, options, cap, create_dirs)
     if parts.scheme in ("redis", "rediss", "unix"):
         from feature_store.redis_store import DEFAULT_PREFIX, RedisStore
 
@@ -54,7 +59,7 @@ def open_store(url: str | None = None, *, max_events_per_user: int | None = None
 
 
 def _open_sqlite(
-    url: str, netloc: str, path: str, options: dict[str, str], cap: int
+    url: str, netloc: str, path: str, options: dict[str, str], cap: int, create_dirs: bool
 ) -> OnlineStore:
     from feature_store.sqlite_store import SQLiteStore
 
@@ -63,6 +68,11 @@ def _open_sqlite(
         raise StoreError(
             f"store URL {url!r}: expected sqlite:///relative/path.db or sqlite:////absolute/path.db "
             "(a file; in-memory databases cannot be shared between workers)"
+        )
+    if not create_dirs and not Path(file).parent.is_dir():
+        raise StoreError(
+            f"store URL {url!r}: directory {Path(file).parent} does not exist; create it "
+            "first (or fix the path)"
         )
     unknown = sorted(set(options) - {"synchronous", "timeout"})
     if unknown:

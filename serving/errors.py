@@ -24,5 +24,11 @@ class RequestError(ValueError):
         """The 4xx body, shaped like BentoML's own validation errors (`error` + `detail`)."""
         return {
             "error": str(self),
-            "detail": [{"loc": self.field.split("."), "msg": self.message}],
+            "detail": [
+                {
+                    "loc": self.field.split("."),
+                    "msg": self.message,
+                    "type": "not_found" if self.status == 404 else "invalid_value",
+                }
+            ],
         }

@@ -7,25 +7,33 @@
 Environment (read once per worker, at start-up):
 - `TLSAN_BUNDLE`: a bundle path, `models:/tlsan@champion` (MLflow) or `bentoml:tlsan:latest`
   (the default: what a bento built with bentofile.yaml packages);
-- `TLSAN_STORE`: the online store URL (default `sqlite:///mlruns/feature_store.db`);
-- `TLSAN_WORKERS` (default 1), `TLSAN_MAX_BATCH` (default 64), `TLSAN_MAX_BODY_BYTES`
-  (default 1 MiB), `TLSAN_THREADS` (torch/FAISS threads per worker, default 1).
+- `TLSAN_STORE`: the online store URL (default `sqlite:///mlruns/feature_store.db`; its
+  directory must exist);
+- `TLSAN_WORKERS` (default 1), `TLSAN_MAX_BATCH` (default 64), `TLSAN_THREADS` (torch/FAISS
+  threads per worker, default 1);
+- the security and abuse settings of `tlsan.serve_settings` (`TLSAN_API_KEYS_FILE`,
+  `TLSAN_INSECURE_NO_AUTH`, `TLSAN_ALLOWED_HOSTS`, rate and queue limits, ...).
 
 Endpoints: `POST /recommend`, `POST /events`, `POST /similar_items`, `GET /model`, and
-BentoML's `/healthz`, `/readyz`, `/metrics` and OpenAPI page (`/`, `/docs.json`). Bad input
-gets a 4xx JSON body that names the field: pydantic validation (400) for shapes and types,
-`RequestError` for what only the bundle can judge, `RequestGuard` for size and content type.
+BentoML's `/healthz`, `/readyz`, `/metrics`, with the OpenAPI page (`/`, `/docs.json`). The
+`ServingGate` middleware checks hosts, API keys and scopes, limits and bodies before any
+work (serving/middleware.py); `RequestError` covers what only the bundle can judge. Without
+keys the server listens on loopback only (the service's default bind is 127.0.0.1, and a
+non-loopback bind is refused at start-up: serving/startup.py).
 """
 
 from __future__ import annotations
 
 import gc
+import logging
 import os
+import sys
 
 # Small per-request frames: Polars' thread pool costs more than it saves, and a worker per core
 # is the scaling unit. Must be set before Polars is first imported.
 os.environ.setdefault("POLARS_MAX_THREADS", os.environ.get("TLSAN_THREADS") or "1")
 
+import json
 from typing import Any
 
 import bentoml
@@ -35,9 +43,12 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from feature_store import DEFAULT_STORE_URL, StoreError, open_store
+from serving import http_protocol, log_safety
+from serving.auth import KeyRing
 from serving.batching import MicroBatcher
 from serving.errors import RequestError
-from serving.middleware import DEFAULT_MAX_BODY_BYTES, RequestGuard
+from serving.middleware import GateState, ServingGate
+from serving.openapi import build_openapi
 from serving.recommender import Query, Recommender
 from serving.schemas import (
     EventIn,
@@ -49,17 +60,18 @@ from serving.schemas import (
     SimilarItemsResponse,
     raw_id,
 )
+from serving.startup import check_deployment, check_settings, check_worker_bind, worker_failed
 from tlsan.bundle import load_bundle
-from tlsan.errors import BundleError
+from tlsan.errors import BundleError, ConfigError, TlsanError
+from tlsan.serve_settings import ServeSettings, settings_from_env
 
 BUNDLE_ENV = "TLSAN_BUNDLE"
 STORE_ENV = "TLSAN_STORE"
 WORKERS_ENV = "TLSAN_WORKERS"
 MAX_BATCH_ENV = "TLSAN_MAX_BATCH"
-MAX_BODY_ENV = "TLSAN_MAX_BODY_BYTES"
 THREADS_ENV = "TLSAN_THREADS"
-API_PATHS = ("/recommend", "/events", "/similar_items")
 DEFAULT_BUNDLE = "bentoml:tlsan:latest"  # what a built bento packages (bentofile.yaml)
+REGISTRY_PREFIXES = ("models:/", "bentoml:")
 
 
 def _env_int(name: str, default: int) -> int:
@@ -69,10 +81,33 @@ def _env_int(name: str, default: int) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise ValueError(f"{name}={text!r}: expected a positive integer") from None
+        raise ConfigError(f"{name}={text!r}: expected a positive integer") from None
     if value < 1:
-        raise ValueError(f"{name}={text!r}: expected a positive integer")
+        raise ConfigError(f"{name}={text!r}: expected a positive integer")
     return value
+
+
+def _import_time_settings() -> tuple[ServeSettings, int, ConfigError | None]:
+    """Settings the module needs when it is imported (worker count, header timeout). A bad
+    value must not raise here (a traceback from BentoML's loader): it is kept and reported
+    in one line by the start-up check, and by every worker."""
+    try:
+        return settings_from_env(), _env_int(WORKERS_ENV, 1), None
+    except ConfigError as exc:
+        return ServeSettings(), 1, exc
+
+
+SETTINGS, WORKERS, SETTINGS_ERROR = _import_time_settings()
+GATE = GateState(settings=SETTINGS)
+http_protocol.install(SETTINGS.header_timeout_s)
+
+
+def _bundle_source() -> str:
+    return os.environ.get(BUNDLE_ENV) or DEFAULT_BUNDLE
+
+
+def _store_url() -> str:
+    return os.environ.get(STORE_ENV) or DEFAULT_STORE_URL
 
 
 def _error(exc: RequestError | StoreError) -> JSONResponse:
@@ -82,16 +117,22 @@ def _error(exc: RequestError | StoreError) -> JSONResponse:
     return JSONResponse(
         {
             "error": f"online store unavailable: {exc}",
-            "detail": [{"loc": ["store"], "msg": str(exc)}],
+            "detail": [{"loc": ["store"], "msg": str(exc), "type": "store_unavailable"}],
         },
         status_code=503,
+        headers={"Retry-After": "1"},
     )
 
 
 def _model_info(request: Request) -> JSONResponse:
-    """`GET /model`: what the worker serves (version, dataset, metrics, index)."""
+    """`GET /model`: what the worker serves (version, dataset, metrics, index). A local
+    bundle's path stays private: only registry sources (`models:/`, `bentoml:`) are shown."""
     service = bentoml.get_current_service()
-    return JSONResponse(service.recommender.model_info())
+    info = dict(service.recommender.model_info())
+    source = info.get("source")
+    if source is not None and not str(source).startswith(REGISTRY_PREFIXES):
+        info["source"] = "local bundle"
+    return JSONResponse(info)
 
 
 # Mounted at the root with one route: BentoML mounts passively (only /model is taken).
@@ -101,15 +142,39 @@ model_app = Starlette(routes=[Route("/model", _model_info, methods=["GET"])])
 @bentoml.asgi_app(model_app, path="/")
 @bentoml.service(
     name="tlsan",
-    workers=_env_int(WORKERS_ENV, 1),
+    workers=WORKERS,
     threads=4,
     traffic={"timeout": 30},
+    http={"host": "127.0.0.1"},  # a bento listens beyond this machine only when asked to
 )
 class TlsanService:
     """Time-aware next-item recommendations from a TLSAN bundle and the online store."""
 
+    @bentoml.on_deployment
+    def check_before_workers() -> None:
+        """In BentoML's arbiter, before any worker: refuse what cannot be served (exit 2)."""
+        if SETTINGS_ERROR is not None:
+            print(f"tlsan: cannot serve: {SETTINGS_ERROR}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        check_deployment(_bundle_source(), _store_url())
+
     def __init__(self) -> None:
-        source = os.environ.get(BUNDLE_ENV) or DEFAULT_BUNDLE
+        log_safety.install()
+        try:
+            self._start()
+        except (TlsanError, StoreError, OSError) as exc:
+            worker_failed(str(exc))
+        except Exception as exc:  # a bug: keep the traceback, still do not restart forever
+            logging.getLogger("bentoml.tlsan.startup").exception("worker start-up failed")
+            worker_failed(f"{type(exc).__name__}: {exc}")
+
+    def _start(self) -> None:
+        if SETTINGS_ERROR is not None:
+            raise SETTINGS_ERROR
+        check_settings(SETTINGS, "127.0.0.1")
+        check_worker_bind(SETTINGS)
+        keys = None if SETTINGS.api_keys_file is None else KeyRing(SETTINGS.api_keys_file)
+        source = _bundle_source()
         try:
             bundle = load_bundle(source)
         except BundleError as exc:
@@ -118,7 +183,7 @@ class TlsanService:
                 f"{unset}the bundle {source!r} cannot be served: {exc}. Set {BUNDLE_ENV} to a "
                 "bundle directory, models:/tlsan@champion or bentoml:tlsan:latest"
             ) from exc
-        self.store = open_store(os.environ.get(STORE_ENV) or DEFAULT_STORE_URL)
+        self.store = open_store(_store_url(), create_dirs=False)
         self.recommender = Recommender(bundle, self.store, threads=_env_int(THREADS_ENV, 1))
         # Everything loaded so far lives as long as the worker: move it out of the garbage
         # collector's generations, so full collections under load do not walk the vocab
@@ -137,6 +202,11 @@ class TlsanService:
             name="recommend",
             inline_max=max_batch,
         )
+        GATE.keys = keys
+        GATE.openapi = json.dumps(
+            build_openapi(auth=keys is not None, version=bundle.model_version)
+        ).encode()
+        GATE.ready = True
 
     @bentoml.api(route="/recommend", input_spec=RecommendRequest)
     async def recommend(
@@ -191,6 +261,4 @@ class TlsanService:
         self.store.close()
 
 
-TlsanService.add_asgi_middleware(
-    RequestGuard, paths=API_PATHS, max_body_bytes=_env_int(MAX_BODY_ENV, DEFAULT_MAX_BODY_BYTES)
-)
+TlsanService.add_asgi_middleware(ServingGate, state=GATE)

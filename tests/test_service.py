@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import Callable, Iterator
+import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,10 +24,8 @@ import pytest
 from feature_store import Event, open_store
 from tests.servers import BentoServer, bento_server, redis_server
 from tests.test_recommender import offline_top10
-from tlsan.bundle import Bundle, load_bundle, write_bundle
+from tlsan.bundle import Bundle, load_bundle
 from tlsan.cli import main
-from tlsan.config import preset
-from tlsan.train import fit
 
 pytestmark = pytest.mark.slow
 DAY = 86_400
@@ -48,14 +48,10 @@ class Deployment:
 
 @pytest.fixture(scope="module")
 def deployment(
-    prepared_amazon: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory
+    dm_bundle: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Deployment:
-    from serving.index_builder import build_bundle_index
-
-    data = prepared_amazon("Digital_Music")
+    data, bundle = dm_bundle
     work = tmp_path_factory.mktemp("service")
-    fit(preset("default").override(epochs=2), data, work / "run", mlflow=False, progress=False)
-    write_bundle(work / "run", data, work / "bundle", index_builder=build_bundle_index)
     users = dict(pl.read_parquet(data / "vocab/users.parquet").rows())
     items = dict(pl.read_parquet(data / "vocab/items.parquet").select("index", "item_id").rows())
     test = pl.read_parquet(data / "examples/test.parquet")
@@ -75,7 +71,7 @@ def deployment(
     rows = pl.concat([history, short])
     return Deployment(
         data=data,
-        bundle=load_bundle(work / "bundle"),
+        bundle=load_bundle(bundle),
         rows=(
             [users[u] for u in rows["user"].to_list()],
             [items[i] for i in rows["item"].to_list()],
@@ -124,6 +120,8 @@ def test_model_health_metrics_and_openapi(server: BentoServer, deployment: Deplo
     assert info["dataset_hash"] == manifest["dataset_hash"]
     assert info["metrics"] == manifest["metrics"] and "ndcg@10" in info["metrics"]["test"]
     assert info["index"]["kind"] == "flat"
+    # no path on the server: not the bundle's, not its folder's
+    assert str(deployment.bundle.path.parent) not in model.text
     for path in ("/healthz", "/readyz", "/livez"):
         assert httpx.get(f"{server.url}{path}").status_code == 200, path
     post(server, "/recommend", {"user_id": "metrics-probe"})
@@ -131,7 +129,9 @@ def test_model_health_metrics_and_openapi(server: BentoServer, deployment: Deplo
     assert 'endpoint="/recommend"' in metrics
     assert httpx.get(f"{server.url}/").status_code == 200
     spec = httpx.get(f"{server.url}/docs.json").json()
-    assert {"/recommend", "/events", "/similar_items"} <= set(spec["paths"])
+    assert {"/recommend", "/events", "/similar_items", "/model"} <= set(spec["paths"])
+    # without keys no route answers 401/403, and the document says so
+    assert "401" not in spec["paths"]["/recommend"]["post"]["responses"]
 
 
 def test_test_users_get_the_offline_top10_over_http(
@@ -283,10 +283,14 @@ BAD_INPUT = [
     ("/recommend", b'{"user_id": "\xff\xfe"}', 400, "json_invalid"),
     (
         "/recommend",
-        {"user_id": "u", "events": [{"item_id": 10**40, "timestamp": 0}]},
-        200,
-        "1" + "0" * 40,
+        {"user_id": "u", "events": [{"item_id": 2**63, "timestamp": 0}]},
+        400,
+        "item_id",
     ),
+    ("/recommend", {"user_id": "a\nb"}, 400, "user_id"),
+    ("/recommend", {"user_id": "x" * 257}, 400, "user_id"),
+    ("/recommend", b'{"user_id": "a", "user_id": "b"}', 400, "duplicate_key"),
+    ("/recommend", b'{"user_id": "a", "k": NaN}', 400, "json_invalid"),
     (
         "/events",
         {"user_id": "u", "events": [{"item_id": "i", "timestamp": t} for t in range(501)]},
@@ -303,7 +307,7 @@ def test_bad_input_gets_a_4xx_json_body_naming_the_field(server: BentoServer) ->
         data = response.json()
         text = json.dumps(data)
         assert field in text, (field, text[:300])
-        assert "error" in data or status == 200  # 200: an unknown (huge) item id is ignored
+        assert "error" in data
     multipart = httpx.post(f"{server.url}/recommend", files={"user_id": b"u"})
     assert multipart.status_code == 415
 
@@ -312,17 +316,43 @@ def test_bad_input_gets_a_4xx_json_body_naming_the_field(server: BentoServer) ->
         yield from (body[i : i + size] for i in range(0, len(body), size))
 
     huge = b'{"user_id": "' + b"x" * 2_000_000 + b'"}'
-    streamed = httpx.post(f"{server.url}/recommend", content=chunked(huge))
-    assert streamed.status_code == 413 and "body" in json.dumps(streamed.json())
-    small = httpx.post(f"{server.url}/recommend", content=chunked(b'{"user_id": "u", "k": 3}'))
-    assert small.status_code == 200 and len(small.json()["items"]) == 3
-    # JSON sent as text/plain (or curl's default form type) is still read as JSON
-    plain = httpx.post(
+    streamed = httpx.post(
         f"{server.url}/recommend",
-        content=b'{"user_id": "u", "k": 2}',
-        headers={"content-type": "text/plain"},
+        content=chunked(huge),
+        headers={"content-type": "application/json"},
     )
-    assert plain.status_code == 200 and len(plain.json()["items"]) == 2
+    assert streamed.status_code == 413 and "body" in json.dumps(streamed.json())
+    small = httpx.post(
+        f"{server.url}/recommend",
+        content=chunked(b'{"user_id": "u", "k": 3}'),
+        headers={"content-type": "application/json"},
+    )
+    assert small.status_code == 200 and len(small.json()["items"]) == 3
+    # Only JSON, declared once: text/plain (a cross-site form can send it), curl's default
+    # form type, no type, or two Content-Type headers are refused before the body is read.
+    for headers in (
+        [("content-type", "text/plain")],
+        [("content-type", "application/x-www-form-urlencoded")],
+        [],
+        [("content-type", "application/json"), ("content-type", "text/plain")],
+    ):
+        refused = httpx.post(
+            f"{server.url}/recommend", content=b'{"user_id": "u", "k": 2}', headers=headers
+        )
+        assert refused.status_code == 415, headers
+        assert refused.json()["detail"][0]["loc"] == ["header", "content-type"]
+    # Integral numbers are integers (JSON Schema's reading): k 2.0 is k 2.
+    assert len(post(server, "/recommend", {"user_id": "u", "k": 2.0}).json()["items"]) == 2
+    # The largest int64 id is an id; the Host header must be a loopback name (no keys).
+    assert post(server, "/recommend", {"user_id": 2**63 - 1}).status_code == 200
+    rebound = httpx.get(f"{server.url}/readyz", headers={"host": "evil.example"})
+    assert rebound.status_code == 200  # health probes answer any Host
+    evil = httpx.post(
+        f"{server.url}/recommend",
+        json={"user_id": "u"},
+        headers={"host": "evil.example", "origin": "http://evil.example"},
+    )
+    assert evil.status_code == 400 and evil.json()["detail"][0]["loc"] == ["header", "host"]
     assert httpx.get(f"{server.url}/recommend").status_code == 405
     # The server is still fine afterwards.
     assert post(server, "/recommend", {"user_id": "still-alive"}).status_code == 200
@@ -354,23 +384,46 @@ def test_serve_refuses_bad_bundles_and_stores_before_starting(
 def test_acknowledged_events_survive_killing_the_server(
     deployment: Deployment, tmp_path: Path
 ) -> None:
+    """Four writers in flight on two workers when the whole server is SIGKILLed: every
+    event the server acknowledged is in the store afterwards (and nothing that was not sent)."""
     url = f"sqlite:///{tmp_path / 'durable.db'}"
     command = [sys.executable, "-m", "tlsan", "serve", "--bundle", str(deployment.bundle.path),
-               "--store", url, "--port", "{port}"]  # fmt: skip
-    acknowledged: list[tuple[str, Event]] = []
+               "--store", url, "--port", "{port}", "--workers", "2"]  # fmt: skip
     item_ids = deployment.bundle.items["item_id"].to_list()
-    with bento_server(command) as srv, httpx.Client(base_url=srv.url) as client:
-        for n in range(40):
-            user = f"durable-{n % 4}"
-            event = Event(item_ids[n], 1_700_000_000 + n)
-            response = client.post(
-                "/events",
-                json={"user_id": user, "events": [{"item_id": event.item_id, "timestamp": event.timestamp}]},
-            )  # fmt: skip
-            assert response.status_code == 200 and response.json()["stored"] == 1
-            acknowledged.append((user, event))
-        srv.kill()  # SIGKILL the launcher, the arbiter and the worker at once
+    acknowledged: dict[str, list[Event]] = {f"durable-{w}": [] for w in range(4)}
+    sent: dict[str, list[Event]] = {user: [] for user in acknowledged}
+    stop = threading.Event()
+
+    def writer(user: str, srv: BentoServer) -> None:
+        with httpx.Client(base_url=srv.url, timeout=30) as client:
+            for n in range(300):
+                if stop.is_set():
+                    return
+                event = Event(item_ids[n % len(item_ids)], 1_700_000_000 + n)
+                sent[user].append(event)
+                body = {"user_id": user, "events": [{"item_id": event.item_id, "timestamp": event.timestamp}]}  # fmt: skip
+                try:
+                    response = client.post("/events", json=body)
+                except httpx.HTTPError:
+                    return  # the server is gone
+                if response.status_code == 200 and response.json()["stored"] == 1:
+                    acknowledged[user].append(event)
+
+    with bento_server(command) as srv:
+        threads = [threading.Thread(target=writer, args=(u, srv)) for u in acknowledged]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 120
+        while sum(map(len, acknowledged.values())) < 80 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        srv.kill()  # SIGKILL the launcher, the arbiter and the workers at once, writers in flight
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
         assert all(not p.is_running() for p in srv.processes())
+    assert sum(map(len, acknowledged.values())) >= 80
     with open_store(url) as store:
-        for user in {u for u, _ in acknowledged}:
-            assert store.recent(user) == [e for u, e in acknowledged if u == user]
+        for user, events in acknowledged.items():
+            stored = store.recent(user)
+            assert set(events) <= set(stored), user
+            assert set(stored) <= set(sent[user]), user

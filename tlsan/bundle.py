@@ -373,10 +373,31 @@ def read_manifest(path: Path) -> dict[str, Any]:
     absent = sorted(name for name in expected if not (path / name).is_file())
     if absent:
         raise BundleError(f"{path}: incomplete bundle, missing {', '.join(absent)}")
-    unlisted = sorted(expected - set(manifest["files"]))
+    files = manifest["files"]
+    if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+        raise BundleError(f"{path / MANIFEST}: 'files' must map file names to their checksums")
+    unlisted = sorted(expected - set(files))
     if unlisted:
         raise BundleError(f"{path / MANIFEST}: no checksum for {', '.join(unlisted)}")
+    for name in files:
+        _check_member(path, name)
     return manifest
+
+
+def _check_member(root: Path, name: object) -> None:
+    """A manifest entry must name a file inside the bundle: relative, no `..`, no symlink
+    leading out (a manifest is data; it must not make the server read other files)."""
+    if not isinstance(name, str) or not name or "\\" in name or "\x00" in name:
+        raise BundleError(f"{root / MANIFEST}: file entry {name!r} is not a relative path")
+    parts = Path(name).parts
+    if Path(name).is_absolute() or ".." in parts or parts[0] == "~":
+        raise BundleError(
+            f"{root / MANIFEST}: file entry {name!r} points outside the bundle; "
+            "expected a path relative to the bundle directory"
+        )
+    resolved = (root / name).resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise BundleError(f"{root / MANIFEST}: file entry {name!r} resolves outside the bundle")
 
 
 def verify_files(path: Path, manifest: dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ COMMANDS: tuple[str, ...] = (
     "materialize",
     "export",
     "serve",
+    "keys",
     "train",
     "evaluate",
     "compare",
