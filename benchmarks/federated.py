@@ -3,6 +3,7 @@
     python benchmarks/federated.py speed     # rounds/s and bytes per round, 100 and 1,000 clients
     python benchmarks/federated.py quality   # test NDCG@10 / AUC: central vs federated (b) and (c)
     python benchmarks/federated.py panel     # --eval-fraction: the round choice's noise vs time
+    python benchmarks/federated.py defaults  # a default `tlsan federate` on each shared dataset
 
 `speed` generates a synthetic log (1,000+ users), then runs Flower simulations in which every
 client takes part in every round (100 clients = cohorts of users, 1,000 clients = one user
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import statistics
 import sys
 import tempfile
@@ -413,6 +415,145 @@ def panel(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+class TreeCpu:
+    """CPU seconds of a process and everything it starts (Flower detaches some of its
+    processes into sessions of their own, so they are followed by their FLWR_HOME too):
+    sampled every `interval` seconds, each process counted with the last times seen."""
+
+    def __init__(self, root_pid: int, flwr_home_prefix: str, interval: float = 0.5) -> None:
+        import threading
+
+        self.root_pid = root_pid
+        self.prefix = flwr_home_prefix
+        self.interval = interval
+        self.seen: dict[tuple[int, float], float] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _members(self) -> list[Any]:
+        import psutil
+
+        members = []
+        try:
+            root = psutil.Process(self.root_pid)
+            members = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
+        known = {p.pid for p in members}
+        for proc in psutil.process_iter():
+            if proc.pid in known:
+                continue
+            try:
+                if proc.environ().get("FLWR_HOME", "").startswith(self.prefix):
+                    members.append(proc)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        return members
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self.stop.is_set():
+            for proc in self._members():
+                try:
+                    times = proc.cpu_times()
+                    key = (proc.pid, proc.create_time())
+                    self.seen[key] = times.user + times.system
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    continue
+            self.stop.wait(self.interval)
+
+    def __enter__(self) -> TreeCpu:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    @property
+    def seconds(self) -> float:
+        return float(sum(self.seen.values()))
+
+
+def _timed(cmd: list[str], flwr_prefix: str) -> dict[str, float]:
+    """Wall and CPU seconds of one command (and its process tree), with the load average."""
+    import os
+    import subprocess
+
+    load_before = os.getloadavg()[0]
+    began = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with TreeCpu(proc.pid, flwr_prefix) as cpu:
+        _, err = proc.communicate()
+    wall = time.perf_counter() - began
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {err[-2000:]}")
+    return {
+        "wall_seconds": round(wall, 1),
+        "cpu_seconds": round(cpu.seconds, 1),
+        "load_average_before": round(load_before, 2),
+        "load_average_after": round(os.getloadavg()[0], 2),
+    }
+
+
+def defaults(args: argparse.Namespace) -> dict[str, Any]:
+    """A default `tlsan federate --data D --out O` on each shared dataset (prepared with the
+    paper preset), timed: wall seconds, CPU seconds of the whole process tree (Ray, Flower),
+    the load average around it (the machine is shared), and as the baseline, in the same run,
+    a default central `tlsan train` on the same dataset. The target is a default federated
+    run under 5 minutes of wall time on two cores (`under_5_minutes`); validation NDCG@10
+    of both runs is reported (test is not read here)."""
+    import sys
+
+    tlsan = str(Path(sys.executable).parent / "tlsan")
+    out: dict[str, Any] = {"datasets": {}}
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        for name in args.datasets:
+            data = args.prepared / name if args.prepared else _prepare(tmp, name)
+            work = tmp / f"work-{name}"
+            fed_cmd = [tlsan, "federate", "--data", str(data), "--out", str(tmp / f"fed-{name}"),
+                       "--work-dir", str(work), "--no-mlflow", "--no-progress"]  # fmt: skip
+            federated = _timed(fed_cmd, str(work))
+            record = json.loads((tmp / f"fed-{name}" / "federated.json").read_text())
+            valid = json.loads((tmp / f"fed-{name}" / "metrics.json").read_text())["valid"]
+            central_cmd = [tlsan, "train", "--data", str(data), "--out", str(tmp / f"c-{name}"),
+                           "--no-mlflow", "--quiet"]  # fmt: skip
+            central = _timed(central_cmd, str(tmp / "none"))
+            central_valid = json.loads((tmp / f"c-{name}" / "metrics.json").read_text())["valid"]
+            out["datasets"][name] = {
+                "federated": {
+                    **federated,
+                    "clients": record["settings"]["clients"],
+                    "rounds_run": record["rounds_run"],
+                    "best_round": record["best_round"],
+                    "valid_ndcg@10": round(float(valid["ndcg@10"]), 5),
+                    "under_5_minutes": federated["wall_seconds"] < 300,
+                },
+                "central_train": {
+                    **central,
+                    "valid_ndcg@10": round(float(central_valid["ndcg@10"]), 5),
+                },
+                "federated_vs_central_wall": round(
+                    federated["wall_seconds"] / central["wall_seconds"], 2
+                ),
+            }
+            shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def _prepare(root: Path, name: str) -> Path:
+    from pipelines.config import PrepareConfig, apply_preset
+    from pipelines.prepare import prepare_dataset
+
+    config = PrepareConfig(
+        interactions=SHARED / f"{name}.interactions.csv", items=SHARED / f"{name}.items.csv"
+    )
+    config = apply_preset(config, "paper", set())
+    return prepare_dataset(config, root / name, progress=False).path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -470,6 +611,14 @@ def main() -> None:
     pn.add_argument("--seed", type=int, default=0)
     pn.add_argument("--quiet", action="store_true")
     pn.add_argument("--out", type=Path, help="also write the JSON report here (atomically)")
+    d = sub.add_parser("defaults", help="time a default tlsan federate on each shared dataset")
+    d.add_argument(
+        "--datasets",
+        nargs="+",
+        default=["Digital_Music", "Office_Products", "Clothing_Shoes_and_Jewelry"],
+    )
+    d.add_argument("--prepared", type=Path, help="folder of prepared datasets (by name)")
+    d.add_argument("--out", type=Path, help="also write the JSON report here (atomically)")
     for mode in (s, q):
         mode.add_argument(
             "--optimizer-state",
@@ -479,7 +628,7 @@ def main() -> None:
         )
         mode.add_argument("--out", type=Path, help="also write the JSON report here (atomically)")
     args = parser.parse_args()
-    modes = {"speed": speed, "quality": quality, "panel": panel}
+    modes = {"speed": speed, "quality": quality, "panel": panel, "defaults": defaults}
     result = modes[args.mode](args)
     print(json.dumps(result, indent=2))
     if args.out:

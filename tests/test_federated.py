@@ -859,13 +859,33 @@ def test_min_rounds_keeps_the_rounds_going_past_patience(tmp_path: Path, tiny_da
     """With patience 1 the loop may end one round after any best round, but not before
     `min_rounds`; the setting is recorded with the run."""
     sim = _simulate(
-        tmp_path, tiny_data, rounds=5, patience=1, min_rounds=4, personal_epochs=1, mlflow=False
+        tmp_path,
+        tiny_data,
+        rounds=5,
+        patience=1,
+        min_rounds=4,
+        personal_epochs=1,
+        mlflow=False,
+        eval_fraction=0.5,
     )
     federated = json.loads((sim.result.run_dir / "federated.json").read_text())
     best, run = federated["best_round"], federated["rounds_run"]
     assert run == min(5, max(4, best + 1)) and run >= 4
     assert max(r for r, _ in sim.wire.sent_arrays if r <= 5) == run
     assert federated["settings"]["min_rounds"] == 4
+    # --eval-fraction 0.5: the same 4 of the 8 clients validate every round, and each round's
+    # figure (which picks the round) is their example-weighted mean
+    panels = {
+        r: {x.node for x in sim.wire.received if x.kind == "evaluate" and x.round == r}
+        for r in range(run + 1)
+    }
+    assert len(panels[0]) == 4 and all(p == panels[0] for p in panels.values())
+    assert federated["settings"]["eval_clients"] == 4
+    for r in federated["rounds"]:
+        assert r["eval_clients"] == 4
+        assert r["valid"]["ndcg@10"] == pytest.approx(
+            _weighted_round_metric(sim, r["round"], "valid-ndcg@10"), rel=1e-9
+        )
     with pytest.raises(ConfigError, match="--min-rounds"):
         FederateOptions(
             data=tiny_data, out=tmp_path / "x", rounds=2, clients_per_round=1, min_rounds=-1
@@ -941,8 +961,8 @@ def test_flwr_run_on_a_superlink_and_supernodes_writes_a_run_dir_tlsan_evaluate_
     work = tmp_path / "work"
     code = main(
         ["federate", "--data", str(tiny_data), "--setup-only", "--work-dir", str(work),
-         "--config", str(config), "--client-unit", "cohort:14", "--rounds", "2",
-         "--clients-per-round", "2", "--personal-epochs", "2", "--no-progress"]
+         "--config", str(config), "--client-unit", "cohort:14", "--rounds", "1",
+         "--clients-per-round", "2", "--personal-epochs", "1", "--no-progress"]
     )  # fmt: skip
     assert code == 0
     devices = sorted(p for p in (work / "devices").iterdir() if p.is_dir())
@@ -997,11 +1017,8 @@ def test_flwr_run_on_a_superlink_and_supernodes_writes_a_run_dir_tlsan_evaluate_
         assert set(got) == set(want), name
     federated = json.loads((out / "federated.json").read_text())
     assert federated["personal_rows"] == "devices" and federated["settings"]["clients"] == 3
-    assert [r["round"] for r in federated["rounds"]] == [0, 1, 2]
-    assert federated["rounds_run"] == 2 and [r["clients"] for r in federated["rounds"][1:]] == [
-        2,
-        2,
-    ]
+    assert [r["round"] for r in federated["rounds"]] == [0, 1]
+    assert federated["rounds_run"] == 1 and federated["rounds"][1]["clients"] == 2
     # the chosen global parameters are the server's, the personal rows each device's own
     model = load_run(out).model
     params = dict(model.named_parameters())
@@ -1050,3 +1067,16 @@ def test_cli_deployment_modes_reject_bad_flags_with_one_line(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err, err
     assert not (tmp_path / "O").exists() and not (tmp_path / "W").exists()
+
+
+def test_evaluation_panel_is_a_seeded_share_of_the_clients_drawn_once() -> None:
+    from tlsan.federated.server import evaluation_panel, panel_size
+
+    nodes = [901, 17, 55, 3, 1000, 42, 7, 8, 9, 10]
+    assert [panel_size(f, 10) for f in (0.0, 0.01, 0.25, 0.5, 1.0)] == [0, 1, 2, 5, 10]
+    panel = evaluation_panel(nodes, 0.3, seed=4)
+    assert len(panel) == 3 and set(panel) <= set(nodes) and panel == sorted(panel)
+    assert evaluation_panel(list(reversed(nodes)), 0.3, seed=4) == panel  # order-free
+    draws = {tuple(evaluation_panel(nodes, 0.3, seed=s)) for s in range(20)}
+    assert len(draws) > 5  # the seed picks the panel
+    assert evaluation_panel(nodes, 1.0, seed=0) == sorted(nodes)

@@ -274,15 +274,22 @@ def folded_split(split: Split) -> Split:
     )
 
 
-def evaluate_device(model: nn.Module, dataset: Dataset, config: TrainConfig) -> dict[str, float]:
+def evaluate_device(
+    model: nn.Module,
+    dataset: Dataset,
+    config: TrainConfig,
+    prefixes: tuple[str, ...] = ("valid", "valid-folded"),
+) -> dict[str, float]:
     """hr@10, ndcg@10 and auc on the device's validation examples (mean over them), as given
-    (`valid-*`) and folded (`valid-folded-*`, see `folded_split`)."""
+    (`valid-*`) and folded (`valid-folded-*`, see `folded_split`); `prefixes` picks which."""
     from tlsan.evaluate import evaluate_model
 
     if len(dataset.valid) == 0:
-        return {key: 0.0 for key in VALID_KEYS}
+        return {key: 0.0 for key in VALID_KEYS if key.rsplit("-", 1)[0] in prefixes}
+    splits = {"valid": lambda: dataset.valid, "valid-folded": lambda: folded_split(dataset.valid)}
     out: dict[str, float] = {}
-    for prefix, split in (("valid", dataset.valid), ("valid-folded", folded_split(dataset.valid))):
+    for prefix in prefixes:
+        split = splits[prefix]()
         result = evaluate_model(
             model, split, ks=(10,), batch_size=config.eval_batch_size, paper_seed=config.seed
         )
@@ -460,8 +467,8 @@ def handle_personalize(msg: Message, context: Context, settings: ClientSettings)
 
     prefix = str(config_record.get("select", "valid"))  # valid | valid-folded
 
-    def score() -> tuple[float, float]:
-        metrics = evaluate_device(model, state.dataset, state.config)
+    def score() -> tuple[float, float]:  # only the variant that chooses
+        metrics = evaluate_device(model, state.dataset, state.config, (prefix,))
         return metrics[f"{prefix}-ndcg@10"], metrics[f"{prefix}-auc"]
 
     before = score()
