@@ -1080,3 +1080,25 @@ def test_evaluation_panel_is_a_seeded_share_of_the_clients_drawn_once() -> None:
     draws = {tuple(evaluation_panel(nodes, 0.3, seed=s)) for s in range(20)}
     assert len(draws) > 5  # the seed picks the panel
     assert evaluation_panel(nodes, 1.0, seed=0) == sorted(nodes)
+
+
+def test_defaults_from_scratch_are_the_federated_recipe(tmp_path: Path) -> None:
+    """Without --preset/--config the local batch and lr are the federated ones, a third of
+    the clients train per round, and explicit flags win."""
+    from tlsan.cli import build_parser
+    from tlsan.commands.federate import _config
+    from tlsan.federated.defaults import FEDERATED_BATCH_SIZE, FEDERATED_LR
+    from tlsan.federated.run import clients_per_round
+
+    parser = build_parser("federate")
+    base = ["federate", "--data", str(tmp_path), "--out", str(tmp_path / "o")]
+    config = _config(parser.parse_args(base))
+    assert (config.batch_size, config.lr) == (FEDERATED_BATCH_SIZE, FEDERATED_LR)
+    assert _config(parser.parse_args([*base, "--batch-size", "32"])).batch_size == 32
+    assert _config(parser.parse_args([*base, "--preset", "default"])).batch_size == 512
+    options = FederateOptions(data=tmp_path, out=tmp_path / "o")
+    assert [clients_per_round(options, n) for n in (1, 2, 13, 17, 18)] == [1, 1, 5, 6, 6]
+    fixed = FederateOptions(data=tmp_path, out=tmp_path / "o", clients_per_round=3)
+    assert clients_per_round(fixed, 17) == 3
+    with pytest.raises(ConfigError, match="--train-fraction"):
+        FederateOptions(data=tmp_path, out=tmp_path / "o", train_fraction=0.0)

@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from tlsan.errors import ConfigError
-from tlsan.federated.defaults import DEFAULT_CLIENT_UNIT, DEFAULT_EVAL_FRACTION, DEFAULT_ROUNDS
+from tlsan.federated.defaults import (
+    DEFAULT_CLIENT_UNIT,
+    DEFAULT_EVAL_FRACTION,
+    DEFAULT_ROUNDS,
+    DEFAULT_TRAIN_FRACTION,
+    FEDERATED_BATCH_SIZE,
+    FEDERATED_LR,
+)
 
 STRATEGIES = ("fedavg", "fedprox", "fedavgm")
 DP_MODES = ("local", "central")
@@ -54,7 +61,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--rounds", type=int, default=DEFAULT_ROUNDS, help=f"federated rounds R ({DEFAULT_ROUNDS})"
     )
     p.add_argument(
-        "--clients-per-round", type=int, help="clients C per training round (default: all)"
+        "--clients-per-round",
+        type=int,
+        help="clients C per training round (default: --train-fraction of the clients)",
+    )
+    p.add_argument(
+        "--train-fraction",
+        type=float,
+        default=DEFAULT_TRAIN_FRACTION,
+        help="share of the clients sampled for training in each round, unless "
+        f"--clients-per-round ({DEFAULT_TRAIN_FRACTION})",
     )
     p.add_argument("--local-epochs", type=int, default=1, help="local epochs per round (1)")
     p.add_argument("--strategy", choices=STRATEGIES, default="fedavg")
@@ -159,7 +175,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         f"choice; 0: no federated validation, the last round is kept) ({DEFAULT_EVAL_FRACTION})",
     )
     p.add_argument(
-        "--preset", choices=("paper", "default"), help="training preset (default: default)"
+        "--preset",
+        choices=("paper", "default"),
+        help="training preset (default: the default preset with local batch "
+        f"{FEDERATED_BATCH_SIZE} and lr {FEDERATED_LR:g}; a --run's own config with --run)",
     )
     p.add_argument("--config", type=Path, help="JSON/YAML file with training config fields")
     p.add_argument("--lr", type=float, help="local learning rate")
@@ -208,6 +227,8 @@ def _config(args: argparse.Namespace) -> Any:
         from tlsan.run_dir import read_run_info
 
         base = read_run_info(args.run).config
+    elif args.preset is None and args.config is None:  # from scratch: the federated recipe
+        base = base.override(batch_size=FEDERATED_BATCH_SIZE, lr=FEDERATED_LR)
     if args.config is not None:
         base = load_config_file(args.config, base=base)
     return base.override(**given) if given else base
@@ -232,6 +253,7 @@ def run(args: argparse.Namespace) -> int:
         out=args.out or args.work_dir,
         rounds=args.rounds,
         clients_per_round=args.clients_per_round,
+        train_fraction=args.train_fraction,
         run=args.run,
         config=_config(args),
         local_epochs=args.local_epochs,

@@ -5,8 +5,8 @@ on real devices alike, so everything they need comes from configuration:
 
 - the run config (`[tool.flwr.app.config]`, overridden by `flwr run --run-config`):
   `server-dir`, the folder `tlsan federate --setup-only` wrote the plan into and where the
-  outcome goes (`tlsan.federated.plan`); `devices-root`, where simulated devices live; the DP
-  settings (`dp-clip`, `dp-noise`, `dp-mode`) and `client-threads`;
+  outcome goes (`tlsan.federated.plan`: strategy, DP and everything else the run does);
+  `devices-root`, where simulated devices live; `client-threads`;
 - the node config of each SuperNode (`flower-supernode --node-config "device-dir='...'"`): the
   directory of its own users' data and personal parameters.
 """

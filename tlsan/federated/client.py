@@ -22,7 +22,8 @@ examples and its personal parameters. Per message it
 Which directory: `node_config["device-dir"]` on a real device (`flower-supernode
 --node-config "device-dir='...'"`); in simulation the directory of `partition-id` under the
 run config's `devices-root`. Optional differential privacy uses Flower's built-in mods on the
-`train` function only (`dp_mod`, set by the run config's `dp-clip`, `dp-noise`, `dp-mode`):
+`train` function only (`dp_mod`, set by `dp-clip`, `dp-noise`, `dp-mode` in the training
+message's config, i.e. by the server's plan):
 local DP (`LocalDpMod`: clip the update to `dp-clip`, add Gaussian noise of std
 `dp-noise * dp-clip` before it leaves the device) or client-side clipping for central DP
 (`fixedclipping_mod`).
@@ -508,27 +509,32 @@ def handle_personalize(msg: Message, context: Context, settings: ClientSettings)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
-def settings_from(context: Context) -> ClientSettings:
-    """The device's settings from the run config (`[tool.flwr.app.config]`, overridden by
-    `flwr run --run-config`): where simulated devices live and the DP settings."""
+def settings_from(context: Context, msg: Message | None = None) -> ClientSettings:
+    """The device's settings: where simulated devices live and its torch threads from the run
+    config (`[tool.flwr.app.config]`, overridden by `flwr run --run-config`), the DP settings
+    from the training message's config (the server's plan, so that they match its strategy)."""
     config = context.run_config
     root = str(config.get("devices-root", "") or "")
+    sent: Any = {}
+    if msg is not None and "config" in msg.content.config_records:
+        sent = msg.content.config_records["config"]
     return ClientSettings(
         devices_root=root or None,
-        dp_clip=float(config.get("dp-clip", 0.0)),
-        dp_noise=float(config.get("dp-noise", 0.0)),
-        dp_mode=str(config.get("dp-mode", "local")),
+        dp_clip=float(sent.get("dp-clip", 0.0)),
+        dp_noise=float(sent.get("dp-noise", 0.0)),
+        dp_mode=str(sent.get("dp-mode", "local")),
         threads=int(config.get("client-threads", 1)),
     )
 
 
 def dp_mod(msg: Message, context: Context, call_next: Callable[..., Message]) -> Message:
-    """Flower's DP mods as the run config asks, on `train` messages only: local DP
-    (`LocalDpMod`: clip the update to `dp-clip`, add noise of std `dp-noise * dp-clip`) or the
-    client-side clipping of central DP (`fixedclipping_mod`); without `dp-clip`, nothing."""
+    """Flower's DP mods as the plan asks (`dp-clip`, `dp-noise`, `dp-mode` in the training
+    message's config), on `train` messages only: local DP (`LocalDpMod`: clip the update to
+    `dp-clip`, add noise of std `dp-noise * dp-clip`) or the client-side clipping of central
+    DP (`fixedclipping_mod`); without `dp-clip`, nothing."""
     from flwr.clientapp.mod import LocalDpMod, fixedclipping_mod
 
-    settings = settings_from(context)
+    settings = settings_from(context, msg)
     if settings.dp_clip <= 0:
         return call_next(msg, context)
     if settings.dp_mode == "central":

@@ -220,9 +220,6 @@ APP_COMPONENTS: dict[str, str] = {
 APP_CONFIG: dict[str, bool | int | float | str] = {
     "server-dir": "",
     "devices-root": "",
-    "dp-clip": 0.0,
-    "dp-noise": 0.0,
-    "dp-mode": "local",
     "client-threads": 1,
 }
 

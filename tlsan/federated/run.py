@@ -49,7 +49,14 @@ from typing import Any
 from tlsan.config import TrainConfig, default_config
 from tlsan.errors import ConfigError
 from tlsan.federated import optimizer_state
-from tlsan.federated.defaults import DEFAULT_CLIENT_UNIT, DEFAULT_EVAL_FRACTION, DEFAULT_ROUNDS
+from tlsan.federated.defaults import (
+    DEFAULT_CLIENT_UNIT,
+    DEFAULT_EVAL_FRACTION,
+    DEFAULT_ROUNDS,
+    DEFAULT_TRAIN_FRACTION,
+    FEDERATED_BATCH_SIZE,
+    FEDERATED_LR,
+)
 from tlsan.federated.partition import assign_clients, parse_client_unit, write_devices
 from tlsan.federated.plan import Outcome, follow_rounds, read_outcome, write_plan
 from tlsan.federated.server import RoundStats, ServerPlan, StrategySpec, WireLog
@@ -71,7 +78,8 @@ class FederateOptions:
     data: Path
     out: Path
     rounds: int = DEFAULT_ROUNDS
-    clients_per_round: int | None = None  # None: every client, every round
+    clients_per_round: int | None = None  # None: train_fraction of the clients
+    train_fraction: float = DEFAULT_TRAIN_FRACTION
     run: Path | None = None
     config: TrainConfig | None = None  # None: the --run's config, else the default preset
     local_epochs: int = 1
@@ -112,6 +120,11 @@ class FederateOptions:
                 )
         if self.clients_per_round is not None and self.clients_per_round < 1:
             raise ConfigError(f"--clients-per-round: expected >= 1, got {self.clients_per_round}")
+        if not 0.0 < self.train_fraction <= 1.0:
+            raise ConfigError(
+                f"--train-fraction: expected a share of the clients in (0, 1], got "
+                f"{self.train_fraction}"
+            )
         if self.personal_lr_scale < 0:
             raise ConfigError(f"--personal-lr-scale: expected >= 0, got {self.personal_lr_scale}")
         if self.patience < 0:
@@ -195,7 +208,7 @@ def _start_model(options: FederateOptions, dataset: Any) -> tuple[TrainConfig, A
             )
         model, origin = loaded.model, f"run:{Path(options.run).resolve()}"
     else:
-        config = options.config or default_config("tlsan")
+        config = options.config or federated_config()
         model, origin = None, "scratch"
     if options.seed is not None:
         config = config.override(seed=options.seed)
@@ -212,6 +225,19 @@ def _start_model(options: FederateOptions, dataset: Any) -> tuple[TrainConfig, A
             for name in model.personal_parameter_names():
                 params[name][1:] = neutral[name]
     return config, model.train(), origin
+
+
+def federated_config() -> TrainConfig:
+    """The training config of a run from scratch without --preset or --config: the default
+    preset with the federated batch and learning rate (`tlsan.federated.defaults`)."""
+    return default_config("tlsan").override(batch_size=FEDERATED_BATCH_SIZE, lr=FEDERATED_LR)
+
+
+def clients_per_round(options: FederateOptions, clients: int) -> int:
+    """--clients-per-round, else --train-fraction of the clients (at least one)."""
+    if options.clients_per_round is not None:
+        return options.clients_per_round
+    return min(clients, max(1, round(options.train_fraction * clients)))
 
 
 def _neutral_copy(model: Any) -> Any:
@@ -247,7 +273,7 @@ def setup_federation(options: FederateOptions, work: Path) -> Setup:
     )
     users_per_client = parse_client_unit(options.client_unit)
     partition = assign_clients(dataset.train.arrays.user.numpy(), users_per_client, config.seed)
-    per_round = options.clients_per_round or len(partition)
+    per_round = clients_per_round(options, len(partition))
     spec = StrategySpec(
         name=options.strategy,
         clients_per_round=per_round,
@@ -273,6 +299,7 @@ def setup_federation(options: FederateOptions, work: Path) -> Setup:
     settings = {
         "rounds": options.rounds,
         "clients_per_round": per_round,
+        "train_fraction": None if options.clients_per_round else options.train_fraction,
         "clients": len(partition),
         "client_unit": options.client_unit,
         "local_epochs": options.local_epochs,
@@ -307,6 +334,9 @@ def setup_federation(options: FederateOptions, work: Path) -> Setup:
             "personal-lr-scale": options.personal_lr_scale,
             "share-optimizer-state": share_state,
             "seed": config.seed,
+            "dp-clip": float(options.dp_clip),
+            "dp-noise": float(options.dp_noise),
+            "dp-mode": options.dp_mode,
         },
         personal_config={
             "train-config": config_json,
@@ -422,9 +452,6 @@ def run_local(
     run_config: dict[str, bool | int | float | str] = {
         "server-dir": str(work / SERVER_DIR),
         "devices-root": str(work / DEVICES_DIR),
-        "dp-clip": float(options.dp_clip),
-        "dp-noise": float(options.dp_noise),
-        "dp-mode": options.dp_mode,
         "client-threads": 1,
     }
     cpus = options.num_cpus or os.cpu_count() or 1
