@@ -212,8 +212,10 @@ class MeteredStrategy:
         on_round: Callable[[RoundStats], None] | None = None,
         eval_fraction: float = 1.0,
         seed: int = 0,
+        clients: int = 1,
     ) -> None:
         self.inner = inner
+        self.clients = clients  # how many nodes to wait for before drawing the panel
         self.log = log
         self.expected = expected
         self.on_round = on_round
@@ -257,7 +259,7 @@ class MeteredStrategy:
         if server_round == 0:  # the starting parameters: an evaluation-only round
             self._round_start = time.perf_counter()
         if self.panel is None:
-            nodes = wait_for_nodes(grid, getattr(self.inner, "min_available_nodes", 1))
+            nodes = wait_for_nodes(grid, self.clients)
             self.panel = evaluation_panel(nodes, self.eval_fraction, self.seed)
         self._eval_start = time.perf_counter()
         config["server-round"] = server_round
@@ -301,12 +303,13 @@ def metered(
     on_round: Callable[[RoundStats], None] | None = None,
     eval_fraction: float = 1.0,
     seed: int = 0,
+    clients: int = 1,
 ) -> Strategy:
     """`MeteredStrategy` as a real `Strategy` subclass (Flower is imported lazily)."""
     from flwr.serverapp.strategy import Strategy
 
     cls = type("MeteredFlowerStrategy", (MeteredStrategy, Strategy), {})
-    return cls(inner, log, expected, on_round, eval_fraction, seed)
+    return cls(inner, log, expected, on_round, eval_fraction, seed, clients)
 
 
 def wait_for_nodes(grid: Grid, count: int, poll_s: float = 0.5) -> list[int]:
@@ -534,6 +537,7 @@ def run_server(grid: Grid, plan: ServerPlan) -> None:
         plan.on_round,
         eval_fraction=plan.spec.eval_fraction,
         seed=plan.seed,
+        clients=plan.spec.total_clients,
     )
     strategy.summary()
     start = dict(plan.initial)
