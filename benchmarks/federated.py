@@ -325,8 +325,8 @@ def _chosen_round(curve: list[float], patience: int, min_rounds: int) -> tuple[i
 
 def panel(args: argparse.Namespace) -> dict[str, Any]:
     """How the share of clients on the validation panel trades the round choice's noise for
-    time. One federated run with every client on the panel and `--patience 0` (all rounds
-    run) records every client's validation NDCG@10 after every round; panels of each share
+    time. One federated run with tlsan federate's defaults but every client on the panel and
+    `--patience 0` (all rounds run) records every client's validation NDCG@10 after every round; panels of each share
     are then drawn (seeded) from those records and the server's rule (best round, patience,
     min rounds) applied to each panel's curve. Reported per share: the full-validation
     NDCG@10 of the round the panel keeps, its shortfall against the round the full panel
@@ -335,11 +335,10 @@ def panel(args: argparse.Namespace) -> dict[str, Any]:
     panel size). Validation only: test is not read."""
     import numpy as np
 
-    from tlsan.config import default_config
-    from tlsan.federated.run import FederateOptions, federate
+    from tlsan.federated.run import FederateOptions, federate, federated_config
     from tlsan.federated.server import WEIGHT_KEY, panel_size
 
-    config = default_config("tlsan").override(threads=1, seed=args.seed)
+    config = federated_config().override(threads=1, seed=args.seed)  # tlsan federate's
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         data = args.data or _prepare_digital_music(tmp)
