@@ -2,6 +2,8 @@
 
     python benchmarks/federated.py speed     # rounds/s and bytes per round, 100 and 1,000 clients
     python benchmarks/federated.py quality   # test NDCG@10 / AUC: central vs federated (b) and (c)
+    python benchmarks/federated.py panel     # --eval-fraction: the round choice's noise vs time
+    python benchmarks/federated.py defaults  # a default `tlsan federate` on each shared dataset
 
 `speed` generates a synthetic log (1,000+ users), then runs Flower simulations in which every
 client takes part in every round (100 clients = cohorts of users, 1,000 clients = one user
@@ -11,9 +13,10 @@ device, set the global parameters, train one local epoch, save the personal rows
 in-process, one after another, without Flower or Ray.
 
 `quality` prepares Digital_Music from ../shared/data (preset paper), trains (a) centralized
-TLSAN with the default preset, then federates from scratch and evaluates on test (b) the
-federated global model with neutral personal parameters and (c) the same global model with
-each client's fine-tuned personal parameters. The server keeps the global model of the round
+TLSAN with the default preset, then federates from scratch and evaluates (b) the federated
+global model with neutral personal parameters and (c) the same global model with each
+client's fine-tuned personal parameters. Its pass/fail key (`c_within_3pct_of_a_on_valid`)
+compares (c) with (a) on validation; test figures are read once, at the end, and reported. The server keeps the global model of the round
 with the best federated validation NDCG@10 and stops `--patience` rounds after it (not before
 round `--min-rounds`, 20: the score can sit at the popularity level for a while); one local
 epoch per round (the default) validated better than two (less client drift), and the personal
@@ -32,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import statistics
 import sys
 import tempfile
@@ -268,15 +272,20 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
                 "wall_seconds": result.wall_s,
                 "rounds": opts.rounds,
             }
+            # pass/fail on validation (the central run's and the federated model's valid
+            # NDCG@10, both scored centrally on the valid split); test is only reported
+            a_valid = table["a_central"]["valid_ndcg@10"]
+            c_valid = result.valid["ndcg@10"]
             a, b, c = (
                 table["a_central"]["ndcg@10"],
                 result.neutral_test["ndcg@10"],
                 result.test["ndcg@10"],
             )
             table[f"summary_{name}"] = {
-                "c_vs_a_ndcg@10_relative": round(c / a - 1.0, 4),
-                "c_within_3pct_of_a": c >= 0.97 * a,
-                "c_vs_b_ndcg@10_relative": round(c / b - 1.0, 4),
+                "c_vs_a_valid_ndcg@10_relative": round(c_valid / a_valid - 1.0, 4),
+                "c_within_3pct_of_a_on_valid": c_valid >= 0.97 * a_valid,
+                "reported_c_vs_a_test_ndcg@10_relative": round(c / a - 1.0, 4),
+                "reported_c_vs_b_test_ndcg@10_relative": round(c / b - 1.0, 4),
                 "best_round": result.best_round,
                 "rounds_run": len(result.rounds),
                 "c_valid_ndcg@10": round(result.valid["ndcg@10"], 5),
@@ -294,6 +303,254 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "table": table,
     }
+
+
+def _chosen_round(curve: list[float], patience: int, min_rounds: int) -> tuple[int, int]:
+    """(kept round, last round run) of the server's rule on a validation curve (round 0 = the
+    start): the best round so far, stopping `patience` rounds after it, not before
+    `min_rounds` (tlsan.federated.server.run_rounds with min_delta 0)."""
+    from tlsan.federated.server import stop_early
+
+    best, best_value, bad = 0, curve[0], 0
+    last = len(curve) - 1
+    for r in range(1, len(curve)):
+        if curve[r] > best_value:
+            best, best_value, bad = r, curve[r], 0
+        else:
+            bad += 1
+        if stop_early(bad, r, patience, min_rounds):
+            return best, r
+    return best, last
+
+
+def panel(args: argparse.Namespace) -> dict[str, Any]:
+    """How the share of clients on the validation panel trades the round choice's noise for
+    time. One federated run with tlsan federate's defaults but every client on the panel and
+    `--patience 0` (all rounds run) records every client's validation NDCG@10 after every round; panels of each share
+    are then drawn (seeded) from those records and the server's rule (best round, patience,
+    min rounds) applied to each panel's curve. Reported per share: the full-validation
+    NDCG@10 of the round the panel keeps, its shortfall against the round the full panel
+    keeps (mean and 90th percentile over the draws), how often the two agree, and the
+    round's seconds (training measured, evaluation = measured seconds per panel client x
+    panel size). Validation only: test is not read."""
+    import numpy as np
+
+    from tlsan.federated.run import FederateOptions, federate, federated_config
+    from tlsan.federated.server import WEIGHT_KEY, panel_size
+
+    config = federated_config().override(threads=1, seed=args.seed)  # tlsan federate's
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        data = args.data or _prepare_digital_music(tmp)
+        options = FederateOptions(
+            data=data,
+            out=tmp / "run",
+            rounds=args.rounds,
+            config=config,
+            client_unit=args.client_unit,
+            eval_fraction=1.0,
+            patience=0,
+            personal_epochs=1,
+            mlflow=False,
+            progress=not args.quiet,
+            work_dir=tmp / "work",
+            audit=True,
+        )
+        result = federate(options)
+    wire = result.wire
+    replies = [r for r in wire.received if r.kind == "evaluate"]
+    nodes = sorted({r.node for r in replies})
+    rounds = sorted({r.round for r in replies})
+    values = np.zeros((len(rounds), len(nodes)))
+    weights = np.zeros(len(nodes))
+    for reply in replies:
+        column = nodes.index(reply.node)
+        values[rounds.index(reply.round), column] = reply.metrics["metrics/valid-ndcg@10"]
+        weights[column] = reply.metrics[f"metrics/{WEIGHT_KEY}"]
+    full = values @ weights / weights.sum()
+    kept_full, _ = _chosen_round(list(full), args.patience, args.min_rounds)
+    stats = [wire.rounds[r] for r in rounds if r > 0]
+    train_s = statistics.median(s.seconds - s.eval_seconds for s in stats)
+    per_client_s = statistics.median(s.eval_seconds / max(s.eval_clients, 1) for s in stats)
+    rng = np.random.default_rng(args.seed)
+    shares = []
+    for share in args.fractions:
+        size = panel_size(share, len(nodes))
+        kept_values, agree, rounds_run = [], 0, []
+        for _ in range(args.draws):
+            members = rng.choice(len(nodes), size=size, replace=False)
+            w = weights[members]
+            curve = values[:, members] @ w / max(w.sum(), 1e-12)
+            kept, last = _chosen_round(list(curve), args.patience, args.min_rounds)
+            kept_values.append(full[kept])
+            agree += kept == kept_full
+            rounds_run.append(last)
+        shortfall = full[kept_full] - np.asarray(kept_values)
+        shares.append(
+            {
+                "eval_fraction": share,
+                "panel_clients": size,
+                "kept_round_valid_ndcg@10_mean": round(float(np.mean(kept_values)), 5),
+                "shortfall_mean": round(float(shortfall.mean()), 5),
+                "shortfall_p90": round(float(np.quantile(shortfall, 0.9)), 5),
+                "same_round_as_full_panel": round(agree / args.draws, 3),
+                "rounds_run_mean": round(float(np.mean(rounds_run)), 1),
+                "round_seconds_estimate": round(train_s + per_client_s * size, 2),
+            }
+        )
+    return {
+        "data": str(args.data or "Digital_Music (preset paper)"),
+        "clients": len(nodes),
+        "client_unit": args.client_unit,
+        "rounds": len(rounds) - 1,
+        "full_panel": {
+            "kept_round": kept_full,
+            "valid_ndcg@10": round(float(full[kept_full]), 5),
+            "valid_ndcg@10_per_round": [round(float(v), 5) for v in full],
+        },
+        "median_train_seconds_per_round": round(train_s, 3),
+        "median_eval_seconds_per_panel_client": round(per_client_s, 3),
+        "shares": shares,
+    }
+
+
+class TreeCpu:
+    """CPU seconds of a process and everything it starts (Flower detaches some of its
+    processes into sessions of their own, so they are followed by their FLWR_HOME too):
+    sampled every `interval` seconds, each process counted with the last times seen."""
+
+    def __init__(self, root_pid: int, flwr_home_prefix: str, interval: float = 0.5) -> None:
+        import threading
+
+        self.root_pid = root_pid
+        self.prefix = flwr_home_prefix
+        self.interval = interval
+        self.seen: dict[tuple[int, float], float] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _members(self) -> list[Any]:
+        import psutil
+
+        members = []
+        try:
+            root = psutil.Process(self.root_pid)
+            members = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
+        known = {p.pid for p in members}
+        for proc in psutil.process_iter():
+            if proc.pid in known:
+                continue
+            try:
+                if proc.environ().get("FLWR_HOME", "").startswith(self.prefix):
+                    members.append(proc)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        return members
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self.stop.is_set():
+            for proc in self._members():
+                try:
+                    times = proc.cpu_times()
+                    key = (proc.pid, proc.create_time())
+                    self.seen[key] = times.user + times.system
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    continue
+            self.stop.wait(self.interval)
+
+    def __enter__(self) -> TreeCpu:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    @property
+    def seconds(self) -> float:
+        return float(sum(self.seen.values()))
+
+
+def _timed(cmd: list[str], flwr_prefix: str) -> dict[str, float]:
+    """Wall and CPU seconds of one command (and its process tree), with the load average."""
+    import os
+    import subprocess
+
+    load_before = os.getloadavg()[0]
+    began = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with TreeCpu(proc.pid, flwr_prefix) as cpu:
+        _, err = proc.communicate()
+    wall = time.perf_counter() - began
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {err[-2000:]}")
+    return {
+        "wall_seconds": round(wall, 1),
+        "cpu_seconds": round(cpu.seconds, 1),
+        "load_average_before": round(load_before, 2),
+        "load_average_after": round(os.getloadavg()[0], 2),
+    }
+
+
+def defaults(args: argparse.Namespace) -> dict[str, Any]:
+    """A default `tlsan federate --data D --out O` on each shared dataset (prepared with the
+    paper preset), timed: wall seconds, CPU seconds of the whole process tree (Ray, Flower),
+    the load average around it (the machine is shared), and as the baseline, in the same run,
+    a default central `tlsan train` on the same dataset. The target is a default federated
+    run under 5 minutes of wall time on two cores (`under_5_minutes`); validation NDCG@10
+    of both runs is reported (test is not read here)."""
+    import sys
+
+    tlsan = str(Path(sys.executable).parent / "tlsan")
+    out: dict[str, Any] = {"datasets": {}}
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        for name in args.datasets:
+            data = args.prepared / name if args.prepared else _prepare(tmp, name)
+            work = tmp / f"work-{name}"
+            fed_cmd = [tlsan, "federate", "--data", str(data), "--out", str(tmp / f"fed-{name}"),
+                       "--work-dir", str(work), "--no-mlflow", "--no-progress"]  # fmt: skip
+            federated = _timed(fed_cmd, str(work))
+            record = json.loads((tmp / f"fed-{name}" / "federated.json").read_text())
+            valid = json.loads((tmp / f"fed-{name}" / "metrics.json").read_text())["valid"]
+            central_cmd = [tlsan, "train", "--data", str(data), "--out", str(tmp / f"c-{name}"),
+                           "--no-mlflow", "--quiet"]  # fmt: skip
+            central = _timed(central_cmd, str(tmp / "none"))
+            central_valid = json.loads((tmp / f"c-{name}" / "metrics.json").read_text())["valid"]
+            out["datasets"][name] = {
+                "federated": {
+                    **federated,
+                    "clients": record["settings"]["clients"],
+                    "rounds_run": record["rounds_run"],
+                    "best_round": record["best_round"],
+                    "valid_ndcg@10": round(float(valid["ndcg@10"]), 5),
+                    "under_5_minutes": federated["wall_seconds"] < 300,
+                },
+                "central_train": {
+                    **central,
+                    "valid_ndcg@10": round(float(central_valid["ndcg@10"]), 5),
+                },
+                "federated_vs_central_wall": round(
+                    federated["wall_seconds"] / central["wall_seconds"], 2
+                ),
+            }
+            shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def _prepare(root: Path, name: str) -> Path:
+    from pipelines.config import PrepareConfig, apply_preset
+    from pipelines.prepare import prepare_dataset
+
+    config = PrepareConfig(
+        interactions=SHARED / f"{name}.interactions.csv", items=SHARED / f"{name}.items.csv"
+    )
+    config = apply_preset(config, "paper", set())
+    return prepare_dataset(config, root / name, progress=False).path
 
 
 def main() -> None:
@@ -342,6 +599,25 @@ def main() -> None:
     q.add_argument("--from-run-rounds", type=int, default=10)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--quiet", action="store_true")
+    pn = sub.add_parser("panel", help="validation panel share: noise of the round choice vs time")
+    pn.add_argument("--data", type=Path, help="prepared dataset (default: Digital_Music)")
+    pn.add_argument("--rounds", type=int, default=50)
+    pn.add_argument("--client-unit", default="cohort:100")
+    pn.add_argument("--patience", type=int, default=5)
+    pn.add_argument("--min-rounds", type=int, default=20)
+    pn.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5, 1.0])
+    pn.add_argument("--draws", type=int, default=500)
+    pn.add_argument("--seed", type=int, default=0)
+    pn.add_argument("--quiet", action="store_true")
+    pn.add_argument("--out", type=Path, help="also write the JSON report here (atomically)")
+    d = sub.add_parser("defaults", help="time a default tlsan federate on each shared dataset")
+    d.add_argument(
+        "--datasets",
+        nargs="+",
+        default=["Digital_Music", "Office_Products", "Clothing_Shoes_and_Jewelry"],
+    )
+    d.add_argument("--prepared", type=Path, help="folder of prepared datasets (by name)")
+    d.add_argument("--out", type=Path, help="also write the JSON report here (atomically)")
     for mode in (s, q):
         mode.add_argument(
             "--optimizer-state",
@@ -351,7 +627,8 @@ def main() -> None:
         )
         mode.add_argument("--out", type=Path, help="also write the JSON report here (atomically)")
     args = parser.parse_args()
-    result = speed(args) if args.mode == "speed" else quality(args)
+    modes = {"speed": speed, "quality": quality, "panel": panel, "defaults": defaults}
+    result = modes[args.mode](args)
     print(json.dumps(result, indent=2))
     if args.out:
         from tlsan.run_dir import write_json

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import optuna
@@ -624,3 +624,124 @@ def test_cli_pruner_choices_match_the_pruners_the_study_builds() -> None:
     pruner = next(a for a in tune._actions if "--pruner" in a.option_strings)
     assert list(pruner.choices) == list(PRUNERS)
     assert pruner.default == "percentile" == TuneSettings.__dataclass_fields__["pruner"].default
+
+
+# -- shared tracking across machines: a real MLflow server ------------------------------------
+@pytest.fixture
+def mlflow_server(tmp_path: Path) -> Iterator[str]:
+    """`mlflow server` as a process on a free port of 127.0.0.1: SQLite backend store and
+    proxied artifacts, both in tmp_path; stopped (with its workers) at the end."""
+    import urllib.request
+
+    from tlsan.processes import free_port, stop_tree
+
+    port = free_port()
+    store = tmp_path / "server"
+    store.mkdir()
+    mlflow_exe = Path(sys.executable).parent / "mlflow"
+    cmd = [str(mlflow_exe), "server", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+           "--artifacts-destination", str(store / "artifacts"), "--host", "127.0.0.1",
+           "--port", str(port), "--workers", "1"]  # fmt: skip
+    log = (store / "server.log").open("wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, (store / "server.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "mlflow server did not start"
+            time.sleep(0.5)
+        yield url
+    finally:
+        stop_tree(proc.pid)
+        proc.wait(timeout=30)
+        log.close()
+
+
+@pytest.mark.slow
+def test_two_tune_workers_share_one_study_and_one_mlflow_server(
+    tiny_data: Path, tmp_path: Path, mlflow_server: str
+) -> None:
+    """Two `tlsan tune` processes started together, as on two machines: one Optuna RDB
+    storage, one `mlflow server`. The study counts exactly N trials from both workers, and
+    MLflow holds one parent run for the study with each trial's run nested under it (its
+    artifacts stored through the server)."""
+    from mlflow import MlflowClient
+
+    from tlsan.tuning.study import MLFLOW_PARENT_ATTR
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
+    procs = [
+        subprocess.Popen(
+            tune_cmd(
+                *tune_args(
+                    tiny_data,
+                    "shared",
+                    storage,
+                    tmp_path / f"machine{i}",
+                    "--trials",
+                    "8",
+                    "--epochs",
+                    "2",
+                    "--worker-index",
+                    str(i),
+                )
+            ),
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in (0, 1)
+    ]
+    try:
+        outputs = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outputs]
+
+    study = optuna.load_study(study_name="shared", storage=storage)
+    trials = study.get_trials(deepcopy=False)
+    counted = [t for t in trials if t.state in COUNTED]
+    assert len(counted) == 8
+    assert all(t.user_attrs.get(SURPLUS_ATTR) for t in trials if t.state == TrialState.FAIL)
+    pids = {t.user_attrs["worker"].rsplit(":", 1)[1] for t in counted}
+    assert pids == {str(p.pid) for p in procs}  # both workers ran trials of the one study
+
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("tlsan")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("kind") == "tuning"]
+    assert len(parents) == 1, [r.info.run_id for r in parents]  # one parent, not one each
+    parent = parents[0]
+    assert study.user_attrs[MLFLOW_PARENT_ATTR] == parent.info.run_id
+    assert parent.info.status == "FINISHED"
+    children = {
+        int(r.data.tags["optuna.trial_number"]): r
+        for r in runs
+        if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    }
+    assert sorted(children) == sorted(t.number for t in counted)
+    for trial in counted:
+        run = children[trial.number]
+        assert run.data.tags["optuna.state"] == trial.state.name
+        assert run.data.params["lr"] == str(trial.params["lr"])
+    # artifacts travel through the server into its artifact store
+    some = children[counted[0].number].info.run_id
+    assert {a.path for a in client.list_artifacts(some, "run")} >= {"run/metrics.json"}
+    stored = tmp_path / "server" / "artifacts"
+    assert any(p.name == "metrics.json" for p in stored.rglob("*"))
+    assert "study/best_config.yaml" in {
+        a.path for a in client.list_artifacts(parent.info.run_id, "study")
+    }

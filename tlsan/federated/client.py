@@ -19,11 +19,14 @@ examples and its personal parameters. Per message it
   personal rows for up to `personal-epochs`, keeps the epoch that scores best on its own
   (plain or folded) validation examples (on disk) and replies with metrics only.
 
-Which directory: `node_config["device-dir"]` on a real device; in simulation the directory of
-`partition-id` under the root the simulation was given.
-Optional differential privacy uses Flower's built-in mods on the `train` function only: local
-DP (`LocalDpMod`: clip the update to `dp-clip`, add Gaussian noise of std `dp-noise * dp-clip`
-before it leaves the device) or client-side clipping for central DP (`fixedclipping_mod`).
+Which directory: `node_config["device-dir"]` on a real device (`flower-supernode
+--node-config "device-dir='...'"`); in simulation the directory of `partition-id` under the
+run config's `devices-root`. Optional differential privacy uses Flower's built-in mods on the
+`train` function only (`dp_mod`, set by `dp-clip`, `dp-noise`, `dp-mode` in the training
+message's config, i.e. by the server's plan):
+local DP (`LocalDpMod`: clip the update to `dp-clip`, add Gaussian noise of std
+`dp-noise * dp-clip` before it leaves the device) or client-side clipping for central DP
+(`fixedclipping_mod`).
 """
 
 from __future__ import annotations
@@ -272,15 +275,22 @@ def folded_split(split: Split) -> Split:
     )
 
 
-def evaluate_device(model: nn.Module, dataset: Dataset, config: TrainConfig) -> dict[str, float]:
+def evaluate_device(
+    model: nn.Module,
+    dataset: Dataset,
+    config: TrainConfig,
+    prefixes: tuple[str, ...] = ("valid", "valid-folded"),
+) -> dict[str, float]:
     """hr@10, ndcg@10 and auc on the device's validation examples (mean over them), as given
-    (`valid-*`) and folded (`valid-folded-*`, see `folded_split`)."""
+    (`valid-*`) and folded (`valid-folded-*`, see `folded_split`); `prefixes` picks which."""
     from tlsan.evaluate import evaluate_model
 
     if len(dataset.valid) == 0:
-        return {key: 0.0 for key in VALID_KEYS}
+        return {key: 0.0 for key in VALID_KEYS if key.rsplit("-", 1)[0] in prefixes}
+    splits = {"valid": lambda: dataset.valid, "valid-folded": lambda: folded_split(dataset.valid)}
     out: dict[str, float] = {}
-    for prefix, split in (("valid", dataset.valid), ("valid-folded", folded_split(dataset.valid))):
+    for prefix in prefixes:
+        split = splits[prefix]()
         result = evaluate_model(
             model, split, ks=(10,), batch_size=config.eval_batch_size, paper_seed=config.seed
         )
@@ -346,8 +356,10 @@ def _generator(state: DeviceState, context: Context, salt: int) -> torch.Generat
     """Per device, round and task: reproducible negatives and shuffles."""
     import torch
 
-    partition = int(context.node_config.get("partition-id", 0))
-    seed = (state.seed * 1_000_003 + partition * 7_919 + state.round * 101 + salt) % (2**63)
+    from tlsan.federated.partition import device_client
+
+    client = device_client(state.device)
+    seed = (state.seed * 1_000_003 + client * 7_919 + state.round * 101 + salt) % (2**63)
     torch.manual_seed(seed)  # dropout, if the config has any
     return torch.Generator().manual_seed(seed)
 
@@ -456,8 +468,8 @@ def handle_personalize(msg: Message, context: Context, settings: ClientSettings)
 
     prefix = str(config_record.get("select", "valid"))  # valid | valid-folded
 
-    def score() -> tuple[float, float]:
-        metrics = evaluate_device(model, state.dataset, state.config)
+    def score() -> tuple[float, float]:  # only the variant that chooses
+        metrics = evaluate_device(model, state.dataset, state.config, (prefix,))
         return metrics[f"{prefix}-ndcg@10"], metrics[f"{prefix}-auc"]
 
     before = score()
@@ -497,44 +509,61 @@ def handle_personalize(msg: Message, context: Context, settings: ClientSettings)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
-def build_client_app(settings: ClientSettings | None = None) -> ClientApp:
-    """The ClientApp with the three handlers and, if asked, Flower's DP mods on `train`."""
-    from flwr.clientapp import ClientApp
+def settings_from(context: Context, msg: Message | None = None) -> ClientSettings:
+    """The device's settings: where simulated devices live and its torch threads from the run
+    config (`[tool.flwr.app.config]`, overridden by `flwr run --run-config`), the DP settings
+    from the training message's config (the server's plan, so that they match its strategy)."""
+    config = context.run_config
+    root = str(config.get("devices-root", "") or "")
+    sent: Any = {}
+    if msg is not None and "config" in msg.content.config_records:
+        sent = msg.content.config_records["config"]
+    return ClientSettings(
+        devices_root=root or None,
+        dp_clip=float(sent.get("dp-clip", 0.0)),
+        dp_noise=float(sent.get("dp-noise", 0.0)),
+        dp_mode=str(sent.get("dp-mode", "local")),
+        threads=int(config.get("client-threads", 1)),
+    )
+
+
+def dp_mod(msg: Message, context: Context, call_next: Callable[..., Message]) -> Message:
+    """Flower's DP mods as the plan asks (`dp-clip`, `dp-noise`, `dp-mode` in the training
+    message's config), on `train` messages only: local DP (`LocalDpMod`: clip the update to
+    `dp-clip`, add noise of std `dp-noise * dp-clip`) or the client-side clipping of central
+    DP (`fixedclipping_mod`); without `dp-clip`, nothing."""
     from flwr.clientapp.mod import LocalDpMod, fixedclipping_mod
 
-    settings = settings or ClientSettings()
-    mods: list[Any] = []
-    if settings.dp_clip > 0:
-        if settings.dp_mode == "central":
-            mods = [fixedclipping_mod]
-        else:
-            mods = [
-                LocalDpMod(
-                    clipping_norm=settings.dp_clip,
-                    sensitivity=settings.dp_clip,
-                    epsilon=local_dp_epsilon(settings.dp_noise),
-                    delta=DP_DELTA,
-                )
-            ]
+    settings = settings_from(context, msg)
+    if settings.dp_clip <= 0:
+        return call_next(msg, context)
+    if settings.dp_mode == "central":
+        return fixedclipping_mod(msg, context, call_next)
+    local = LocalDpMod(
+        clipping_norm=settings.dp_clip,
+        sensitivity=settings.dp_clip,
+        epsilon=local_dp_epsilon(settings.dp_noise),
+        delta=DP_DELTA,
+    )
+    return local(msg, context, call_next)
+
+
+def build_client_app() -> ClientApp:
+    """The ClientApp: the three handlers, with `dp_mod` on `train`."""
+    from flwr.clientapp import ClientApp
+
     app = ClientApp()
 
-    @app.train(mods=mods)
+    @app.train(mods=[dp_mod])
     def train(msg: Message, context: Context) -> Message:
-        return handle_train(msg, context, settings)
+        return handle_train(msg, context, settings_from(context))
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        return handle_evaluate(msg, context, settings)
+        return handle_evaluate(msg, context, settings_from(context))
 
     @app.train("personalize")
     def personalize(msg: Message, context: Context) -> Message:
-        return handle_personalize(msg, context, settings)
+        return handle_personalize(msg, context, settings_from(context))
 
     return app
-
-
-# For `flwr run` on real devices: node_config["device-dir"] names the device's directory.
-def __getattr__(name: str) -> Any:
-    if name == "app":
-        return build_client_app()
-    raise AttributeError(name)

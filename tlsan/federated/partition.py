@@ -174,11 +174,21 @@ def write_devices(
     return dirs
 
 
-def device_users(device: Path) -> np.ndarray:
-    """The user indices a device holds (from its manifest)."""
+def _device_entry(device: Path) -> dict[str, Any]:
     path = Path(device) / "manifest.json"
     try:
-        users = json.loads(path.read_text(encoding="utf-8"))["device"]["users"]
+        entry = json.loads(path.read_text(encoding="utf-8"))["device"]
+        int(entry["client"]), list(entry["users"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise RunError(f"{path}: not a federated device manifest ({exc})") from exc
-    return np.asarray(users, dtype=np.int64)
+    return entry
+
+
+def device_users(device: Path) -> np.ndarray:
+    """The user indices a device holds (from its manifest)."""
+    return np.asarray(_device_entry(device)["users"], dtype=np.int64)
+
+
+def device_client(device: Path) -> int:
+    """The device's client index (its partition id in a simulation)."""
+    return int(_device_entry(device)["client"])

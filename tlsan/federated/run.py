@@ -1,25 +1,41 @@
 """`federate`: one federated run from a prepared dataset to a normal run dir.
 
-1. Load the dataset; start from a central run (`--run`) or a freshly initialised TLSAN.
-2. Cut the users with training examples into clients (one user or cohorts of N) and write
-   each client's device dir (its own data only), provisioned with its starting personal rows:
-   the central run's rows, or neutral rows (the mean user embedding and mean P) from scratch.
-3. Flower simulation (Ray backend): the ServerApp runs the strategy over the *global*
+1. Setup (`setup_federation`): load the dataset; start from a central run (`--run`) or a
+   freshly initialised TLSAN; cut the users with training examples into clients (cohorts of N
+   users, or one user each) and write each client's device dir (its own data only),
+   provisioned with its starting personal rows (the central run's rows, or neutral rows: the
+   mean user embedding and mean P); write the server dir (`tlsan.federated.plan`: the plan and
+   the starting global parameters) and the work dir's record (`federation.json`, the starting
+   model).
+2. Rounds (`run_local`): `flwr run` of the Flower app (`tlsan.federated.app`) against a
+   private SuperLink in simulation mode: the ServerApp runs the strategy over the *global*
    parameters (and, with `--optimizer-state` shared, their Adam moments) for R rounds (C
-   clients each, E local epochs, per-round federated validation on
-   the validation examples as given and folded like test examples; `select` says which picks
+   clients each, E local epochs, validation after every round on a fixed panel of clients:
+   the validation examples as given and folded like test examples, `select` says which picks
    the round), then sends that round's global parameters to every client to fine-tune its
-   personal rows.
-4. Gather: global parameters from the server, each device's fine-tuned personal rows from its
-   dir (users that were no client's keep their starting rows) into one model; evaluate valid
-   and test centrally (like `tlsan evaluate`), also with neutral personal parameters; write
-   the run dir atomically: model.safetensors, config.json, metrics.json, history.json and
-   federated.json (rounds, traffic, settings, the neutral-parameter metrics).
+   personal rows. On real devices the same app runs under a SuperLink and SuperNodes instead
+   (`tlsan federate --setup-only`, `flwr run`, `tlsan federate --collect`; see README).
+3. Collect (`collect_federation`): the chosen global parameters from the server dir, each
+   device's fine-tuned personal rows from its dir where the devices are at hand (users that were
+   no client's, or whose device is elsewhere, keep their starting rows) into one model;
+   evaluate valid and test centrally (like `tlsan evaluate`), also with neutral personal
+   parameters; write the run dir atomically: model.safetensors, config.json, metrics.json,
+   history.json and federated.json (rounds, traffic, settings, the neutral-parameter metrics).
+
+The work dir (`--work-dir`, a temporary folder by default):
+
+    WORK/federation.json      settings, training config, dataset hash, origin, clients
+    WORK/start.safetensors    the starting model (global parameters and every user's rows)
+    WORK/devices/NNNNNN/      one device dir per client (`tlsan.federated.partition`)
+    WORK/server/              the ServerApp's plan and outcome (`tlsan.federated.plan`)
+    WORK/app/pyproject.toml   the Flower app that `flwr run` submits
+    WORK/flower/              the local SuperLink's Flower home (connection, app bundle)
+    WORK/logs/                the SuperLink's and `flwr run`'s output
 """
 
 from __future__ import annotations
 
-import logging
+import json
 import math
 import os
 import shutil
@@ -31,12 +47,25 @@ from pathlib import Path
 from typing import Any
 
 from tlsan.config import TrainConfig, default_config
-from tlsan.errors import ConfigError, RunError
+from tlsan.errors import ConfigError
 from tlsan.federated import optimizer_state
+from tlsan.federated.defaults import (
+    DEFAULT_CLIENT_UNIT,
+    DEFAULT_EVAL_FRACTION,
+    DEFAULT_ROUNDS,
+    DEFAULT_TRAIN_FRACTION,
+    FEDERATED_BATCH_SIZE,
+    FEDERATED_LR,
+)
 from tlsan.federated.partition import assign_clients, parse_client_unit, write_devices
+from tlsan.federated.plan import Outcome, follow_rounds, read_outcome, write_plan
 from tlsan.federated.server import RoundStats, ServerPlan, StrategySpec, WireLog
 
 FEDERATED_FILE = "federated.json"
+WORK_FILE = "federation.json"
+START_FILE = "start.safetensors"
+DEVICES_DIR = "devices"
+SERVER_DIR = "server"
 # --select: which validation examples pick the round and each device's fine-tuning epoch
 SELECT: dict[str, str] = {"valid": "valid", "folded": "valid-folded"}
 EXPERIMENT = "tlsan-federated"
@@ -48,8 +77,9 @@ class FederateOptions:
 
     data: Path
     out: Path
-    rounds: int
-    clients_per_round: int
+    rounds: int = DEFAULT_ROUNDS
+    clients_per_round: int | None = None  # None: train_fraction of the clients
+    train_fraction: float = DEFAULT_TRAIN_FRACTION
     run: Path | None = None
     config: TrainConfig | None = None  # None: the --run's config, else the default preset
     local_epochs: int = 1
@@ -60,10 +90,11 @@ class FederateOptions:
     dp_clip: float = 0.0
     dp_noise: float = 0.0
     dp_mode: str = "local"
-    client_unit: str = "user"
+    client_unit: str = DEFAULT_CLIENT_UNIT
     patience: int = 0  # rounds without validation improvement before stopping, 0 = never
     min_rounds: int = 0  # no early stop before this round
     lr_decay: float = 1.0  # clients' lr multiplier after each round without improvement
+    min_delta: float = 0.0  # what a round must beat the last improvement by to improve
     select: str = "valid"  # valid | folded: validation examples that pick rounds and epochs
     # personal rows' lr multiplier during the rounds (0 = frozen): they train in every round
     # a device joins, far more epochs than central training gives them
@@ -71,35 +102,50 @@ class FederateOptions:
     optimizer_state: str = "auto"  # auto | shared | local: Adam's moments travel and average
     personal_epochs: int = 10
     personal_lr: float | None = None  # None: the training lr
-    eval_fraction: float = 1.0
+    eval_fraction: float = DEFAULT_EVAL_FRACTION  # share of clients on the validation panel
     seed: int | None = None  # None: the config's seed
     mlflow: bool = True
     overwrite: bool = False
-    work_dir: Path | None = None  # keeps the device dirs there; None: a temp dir, removed
+    work_dir: Path | None = None  # keeps the work dir there; None: a temp dir, removed
     progress: bool = True
-    num_cpus: int = 0  # Ray CPUs, 0 = all cores
-    client_cpus: float = 1.0  # Ray CPUs per client: num_cpus / client_cpus clients in parallel
+    num_cpus: int = 0  # Ray CPUs of the simulation, 0 = all cores
+    client_cpus: int = 1  # Ray CPUs per client: num_cpus / client_cpus clients in parallel
+    audit: bool = False  # the server keeps copies of everything it sends and receives
 
     def __post_init__(self) -> None:
-        for name in ("rounds", "clients_per_round", "local_epochs"):
+        for name in ("rounds", "local_epochs"):
             if getattr(self, name) < 1:
                 raise ConfigError(
                     f"--{name.replace('_', '-')}: expected >= 1, got {getattr(self, name)}"
                 )
+        if self.clients_per_round is not None and self.clients_per_round < 1:
+            raise ConfigError(f"--clients-per-round: expected >= 1, got {self.clients_per_round}")
+        if not 0.0 < self.train_fraction <= 1.0:
+            raise ConfigError(
+                f"--train-fraction: expected a share of the clients in (0, 1], got "
+                f"{self.train_fraction}"
+            )
         if self.personal_lr_scale < 0:
             raise ConfigError(f"--personal-lr-scale: expected >= 0, got {self.personal_lr_scale}")
         if self.patience < 0:
             raise ConfigError(f"--patience: expected >= 0, got {self.patience}")
         if self.min_rounds < 0:
             raise ConfigError(f"--min-rounds: expected >= 0, got {self.min_rounds}")
+        if self.min_delta < 0:
+            raise ConfigError(f"--min-delta: expected >= 0, got {self.min_delta}")
         if not 0.0 < self.lr_decay <= 1.0:
             raise ConfigError(f"--lr-decay: expected a factor in (0, 1], got {self.lr_decay}")
         if self.personal_epochs < 0:
             raise ConfigError(f"--personal-epochs: expected >= 0, got {self.personal_epochs}")
         if self.personal_lr is not None and self.personal_lr <= 0:
             raise ConfigError(f"--personal-lr: expected > 0, got {self.personal_lr}")
-        if self.client_cpus <= 0 or self.num_cpus < 0:
-            raise ConfigError("--client-cpus must be > 0 and --num-cpus >= 0")
+        if not 0.0 <= self.eval_fraction <= 1.0:
+            raise ConfigError(
+                f"--eval-fraction: expected a share of the clients in [0, 1] (0: no federated "
+                f"validation, the last round is kept), got {self.eval_fraction}"
+            )
+        if self.client_cpus < 1 or self.num_cpus < 0:
+            raise ConfigError("--client-cpus must be >= 1 and --num-cpus >= 0")
         optimizer_state.check_mode(self.optimizer_state)
         if self.select not in SELECT:
             raise ConfigError(f"--select: expected one of {', '.join(SELECT)}, got {self.select!r}")
@@ -124,6 +170,26 @@ class FederateResult:
     wire: WireLog = field(repr=False, default_factory=WireLog)
 
 
+@dataclass
+class Setup:
+    """What `setup_federation` wrote: the work dir and what the later stages need."""
+
+    work: Path
+    dataset: Any
+    config: TrainConfig
+    model: Any  # the starting model
+    devices: list[Path]
+    settings: dict[str, Any]
+
+    @property
+    def server_dir(self) -> Path:
+        return self.work / SERVER_DIR
+
+    @property
+    def clients(self) -> int:
+        return len(self.devices)
+
+
 def _start_model(options: FederateOptions, dataset: Any) -> tuple[TrainConfig, Any, str]:
     """(config, model, origin): the central run's model, or a fresh seeded one whose users all
     start from the neutral personal rows (the mean of the initial rows)."""
@@ -142,7 +208,7 @@ def _start_model(options: FederateOptions, dataset: Any) -> tuple[TrainConfig, A
             )
         model, origin = loaded.model, f"run:{Path(options.run).resolve()}"
     else:
-        config = options.config or default_config("tlsan")
+        config = options.config or federated_config()
         model, origin = None, "scratch"
     if options.seed is not None:
         config = config.override(seed=options.seed)
@@ -161,6 +227,19 @@ def _start_model(options: FederateOptions, dataset: Any) -> tuple[TrainConfig, A
     return config, model.train(), origin
 
 
+def federated_config() -> TrainConfig:
+    """The training config of a run from scratch without --preset or --config: the default
+    preset with the federated batch and learning rate (`tlsan.federated.defaults`)."""
+    return default_config("tlsan").override(batch_size=FEDERATED_BATCH_SIZE, lr=FEDERATED_LR)
+
+
+def clients_per_round(options: FederateOptions, clients: int) -> int:
+    """--clients-per-round, else --train-fraction of the clients (at least one)."""
+    if options.clients_per_round is not None:
+        return options.clients_per_round
+    return min(clients, max(1, round(options.train_fraction * clients)))
+
+
 def _neutral_copy(model: Any) -> Any:
     """The model with every user's personal rows replaced by the neutral (mean) rows."""
     import copy
@@ -175,14 +254,146 @@ def _neutral_copy(model: Any) -> Any:
     return neutral.eval()
 
 
-class _RoundLogger:
-    """Per-round MLflow metrics (explicit run id: the ServerApp runs in another thread, where
-    MLflow's fluent API has no active run) and a progress bar."""
+# -- 1. setup ----------------------------------------------------------------------------------
+def setup_federation(options: FederateOptions, work: Path) -> Setup:
+    """Write the work dir: devices, server dir, the starting model and its record."""
+    import torch
 
-    def __init__(self, run_id: str | None, rounds: int, progress: bool) -> None:
+    from tlsan.data import load_dataset
+    from tlsan.federated.client import get_global
+    from tlsan.federated.personal import provision
+    from tlsan.run_dir import write_json, write_tensors
+    from tlsan.train import set_threads
+
+    dataset = load_dataset(Path(options.data))
+    config, model, origin = _start_model(options, dataset)
+    set_threads(config.threads)
+    share_state = optimizer_state.resolve(
+        options.optimizer_state, config.optimizer, options.dp_clip
+    )
+    users_per_client = parse_client_unit(options.client_unit)
+    partition = assign_clients(dataset.train.arrays.user.numpy(), users_per_client, config.seed)
+    per_round = clients_per_round(options, len(partition))
+    spec = StrategySpec(
+        name=options.strategy,
+        clients_per_round=per_round,
+        total_clients=len(partition),
+        eval_fraction=options.eval_fraction,
+        proximal_mu=options.proximal_mu,
+        server_momentum=options.server_momentum,
+        server_lr=options.server_lr,
+        dp_clip=options.dp_clip,
+        dp_noise=options.dp_noise,
+        dp_mode=options.dp_mode,
+    )
+    personal_lr = options.personal_lr or config.lr
+    work = Path(work)
+    devices_root = work / DEVICES_DIR
+    if devices_root.exists():
+        shutil.rmtree(devices_root)
+    dirs = write_devices(Path(options.data), partition, devices_root, progress=options.progress)
+    names = model.personal_parameter_names()
+    tables = {n: t.detach() for n, t in model.state_dict().items() if n in names}
+    provision(dirs, [torch.from_numpy(users) for users in partition.clients], tables)
+
+    settings = {
+        "rounds": options.rounds,
+        "clients_per_round": per_round,
+        "train_fraction": None if options.clients_per_round else options.train_fraction,
+        "clients": len(partition),
+        "client_unit": options.client_unit,
+        "local_epochs": options.local_epochs,
+        "strategy": options.strategy,
+        "proximal_mu": options.proximal_mu if options.strategy == "fedprox" else 0.0,
+        "server_momentum": options.server_momentum if options.strategy == "fedavgm" else 0.0,
+        "server_lr": options.server_lr if options.strategy == "fedavgm" else 1.0,
+        "dp_clip": options.dp_clip,
+        "dp_noise": options.dp_noise,
+        "dp_mode": options.dp_mode if options.dp_clip > 0 else "off",
+        "patience": options.patience,
+        "min_rounds": options.min_rounds,
+        "lr_decay": options.lr_decay,
+        "min_delta": options.min_delta,
+        "select": options.select,
+        "personal_lr_scale": options.personal_lr_scale,
+        "optimizer_state": "shared" if share_state else "local",
+        "personal_epochs": options.personal_epochs,
+        "personal_lr": personal_lr,
+        "eval_fraction": options.eval_fraction,
+        "eval_clients": _panel_size(options.eval_fraction, len(partition)),
+        "origin": origin,
+    }
+    config_json = json.dumps(config.to_dict())
+    plan = ServerPlan(
+        initial=get_global(model),
+        rounds=options.rounds,
+        spec=spec,
+        train_config={
+            "train-config": config_json,
+            "local-epochs": options.local_epochs,
+            "personal-lr-scale": options.personal_lr_scale,
+            "share-optimizer-state": share_state,
+            "seed": config.seed,
+            "dp-clip": float(options.dp_clip),
+            "dp-noise": float(options.dp_noise),
+            "dp-mode": options.dp_mode,
+        },
+        personal_config={
+            "train-config": config_json,
+            "personal-epochs": options.personal_epochs,
+            "personal-lr": personal_lr,
+            "select": SELECT[options.select],
+            "seed": config.seed,
+        },
+        seed=config.seed,
+        personalize=True,
+        patience=options.patience,
+        min_rounds=options.min_rounds,
+        lr_decay=options.lr_decay,
+        min_delta=options.min_delta,
+        select=f"{SELECT[options.select]}-ndcg@10",
+        share_optimizer_state=share_state,
+    )
+    write_plan(work / SERVER_DIR, plan, audit=options.audit)
+    write_tensors(work / START_FILE, model.state_dict())
+    write_json(
+        work / WORK_FILE,
+        {
+            "settings": settings,
+            "config": config.to_dict(),
+            "dataset_hash": dataset.dataset_hash,
+            "data_dir": str(Path(options.data).resolve()),
+        },
+    )
+    return Setup(work, dataset, config, model, dirs, settings)
+
+
+def _panel_size(eval_fraction: float, clients: int) -> int:
+    from tlsan.federated.server import panel_size
+
+    return panel_size(eval_fraction, clients)
+
+
+# -- 2. the rounds, on a local simulation ------------------------------------------------------
+class RoundFollower:
+    """Follows the server dir's `rounds.jsonl` while the run goes on: a progress bar, MLflow
+    metrics per round (step = round) and the caller's `on_round`."""
+
+    def __init__(
+        self,
+        server_dir: Path,
+        rounds: int,
+        *,
+        run_id: str | None,
+        progress: bool,
+        on_round: Callable[[RoundStats], None] | None = None,
+    ) -> None:
         from tqdm import tqdm
 
+        self.server_dir = server_dir
+        self.seen = 0
         self.run_id = run_id
+        self.on_round = on_round
         self.bar = tqdm(total=rounds, desc="rounds", unit="round", disable=not progress)
         self.client: Any = None
         if run_id is not None:
@@ -190,7 +401,12 @@ class _RoundLogger:
 
             self.client = MlflowClient()
 
-    def __call__(self, stats: RoundStats) -> None:
+    def __call__(self) -> None:
+        for stats in follow_rounds(self.server_dir, self.seen):
+            self.seen += 1
+            self.log(stats)
+
+    def log(self, stats: RoundStats) -> None:
         values = stats.metrics()
         if self.client is not None:
             from mlflow.entities import Metric
@@ -208,96 +424,145 @@ class _RoundLogger:
         self.bar.set_postfix(loss=f"{stats.train_loss:.4f}", valid_ndcg10=f"{ndcg:.4f}")
         if stats.round > 0:
             self.bar.update(1)
+        if self.on_round is not None:
+            self.on_round(stats)
 
     def close(self) -> None:
         self.bar.close()
 
 
-def simulate(
-    plan: ServerPlan,
-    client_settings: Any,
-    num_clients: int,
+def run_local(
+    setup: Setup,
+    options: FederateOptions,
+    follower: Callable[[], None] | None = None,
     *,
-    num_cpus: int,
-    client_cpus: float,
     verbose: bool = False,
-) -> None:
-    """Run the ServerApp and ClientApp in Flower's simulation engine (Ray backend)."""
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    from flwr.simulation import run_simulation
+) -> Outcome:
+    """`flwr run` of the Flower app against a private SuperLink in simulation mode (Ray
+    backend, one simulated SuperNode per client), stopped with all its processes at the end."""
+    from tlsan.federated.flower_runtime import (
+        ProcessGroup,
+        flwr_run,
+        local_superlink,
+        write_app_dir,
+    )
 
-    from tlsan.federated.client import build_client_app
-    from tlsan.federated.server import build_server_app
-
-    cpus = num_cpus or os.cpu_count() or 1
-    backend_config = {
-        "client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": verbose},
+    work = setup.work.resolve()
+    flwr_home = work / "flower"
+    run_config: dict[str, bool | int | float | str] = {
+        "server-dir": str(work / SERVER_DIR),
+        "devices-root": str(work / DEVICES_DIR),
+        "client-threads": 1,
     }
-    flwr_logger = logging.getLogger("flwr")
-    level = flwr_logger.level
-    if not verbose:
-        flwr_logger.setLevel(logging.WARNING)
-    try:
-        run_simulation(
-            server_app=build_server_app(plan),
-            client_app=build_client_app(client_settings),
-            num_supernodes=num_clients,
-            backend_name="ray",
-            backend_config=backend_config,
-            verbose_logging=verbose,
+    cpus = options.num_cpus or os.cpu_count() or 1
+    federation_config: dict[str, bool | int | float | str] = {
+        "num-supernodes": setup.clients,
+        "backend": "ray",
+        "client-resources-num-cpus": options.client_cpus,
+        "client-resources-num-gpus": 0.0,
+        "init-args-num-cpus": cpus,
+        "init-args-log-to-driver": verbose,
+        "verbose": verbose,
+    }
+    app_dir = write_app_dir(work / "app")
+    with ProcessGroup(work / "logs") as group, local_superlink(flwr_home, group, simulation=True):
+        flwr_run(
+            app_dir,
+            flwr_home,
+            group,
+            run_config=run_config,
+            federation_config=federation_config,
+            poll=follower,
+            echo=verbose,
         )
-    finally:
-        flwr_logger.setLevel(level)
-    if plan.result is None:
-        raise RunError("federate: the Flower simulation ended without a final global model")
+    return read_outcome(work / SERVER_DIR)
 
 
+# -- 3. collect --------------------------------------------------------------------------------
 def federate(
     options: FederateOptions,
     *,
-    wire_log: WireLog | None = None,
     on_round: Callable[[RoundStats], None] | None = None,
     verbose: bool = False,
 ) -> FederateResult:
-    """One federated run; see the module docstring. `wire_log` (e.g. `WireLog(keep=True)`)
-    receives everything the server got from clients."""
-    import torch
-
+    """One federated run on a local simulation; see the module docstring."""
     from pipelines.atomic import check_output
-    from tlsan.data import load_dataset
-    from tlsan.federated.client import ClientSettings, get_global, global_names, set_global
-    from tlsan.federated.personal import gather_personal, provision
-    from tlsan.tracking import Tracker, TrackingOptions
-    from tlsan.train import set_threads
 
     began = time.perf_counter()
     check_output(Path(options.out), overwrite=options.overwrite)
-    dataset = load_dataset(Path(options.data))
-    config, model, origin = _start_model(options, dataset)
-    set_threads(config.threads)
-    share_state = optimizer_state.resolve(
-        options.optimizer_state, config.optimizer, options.dp_clip
-    )
-    users_per_client = parse_client_unit(options.client_unit)
-    partition = assign_clients(dataset.train.arrays.user.numpy(), users_per_client, config.seed)
-    spec = StrategySpec(
-        name=options.strategy,
-        clients_per_round=options.clients_per_round,
-        total_clients=len(partition),
-        eval_fraction=options.eval_fraction,
-        proximal_mu=options.proximal_mu,
-        server_momentum=options.server_momentum,
-        server_lr=options.server_lr,
-        dp_clip=options.dp_clip,
-        dp_noise=options.dp_noise,
-        dp_mode=options.dp_mode,
-    )
-    personal_lr = options.personal_lr or config.lr
     own_work = options.work_dir is None
     work = Path(tempfile.mkdtemp(prefix="tlsan-federate-")) if own_work else Path(options.work_dir)
-    log = wire_log or WireLog()
+    try:
+        setup = setup_federation(options, work)
+        tracker = _tracker(options, setup)
+        try:
+            follower = RoundFollower(
+                setup.server_dir,
+                options.rounds,
+                run_id=tracker.run_id,
+                progress=options.progress,
+                on_round=on_round,
+            )
+            try:
+                outcome = run_local(setup, options, follower, verbose=verbose)
+            finally:
+                follower.close()
+            result = _finish(options, setup, outcome, tracker, began, logged_rounds=True)
+        except BaseException:
+            tracker.end("FAILED")
+            raise
+    finally:
+        if own_work:
+            shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def setup_only(options: FederateOptions) -> Setup:
+    """`--setup-only`: write the work dir for a deployment (devices, server dir) and stop."""
+    if options.work_dir is None:
+        raise ConfigError("--setup-only: needs --work-dir (where the devices and plan go)")
+    return setup_federation(options, Path(options.work_dir))
+
+
+def collect_only(options: FederateOptions) -> FederateResult:
+    """`--collect`: the run dir from a work dir whose rounds ran elsewhere (`flwr run` on a
+    SuperLink): its server dir's outcome, and the devices' rows where they are at hand."""
+    from pipelines.atomic import check_output
+    from tlsan.data import load_dataset
+    from tlsan.run_dir import read_json, read_tensors
+    from tlsan.train import new_model
+
+    began = time.perf_counter()
+    if options.work_dir is None:
+        raise ConfigError("--collect: needs --work-dir (the one --setup-only wrote)")
+    check_output(Path(options.out), overwrite=options.overwrite)
+    work = Path(options.work_dir)
+    record = read_json(work / WORK_FILE, "federated work dir record")
+    dataset = load_dataset(Path(options.data))
+    if record["dataset_hash"] != dataset.dataset_hash:
+        raise ConfigError(
+            f"--data {options.data}: not the dataset the work dir {work} was set up with "
+            f"(dataset hash {dataset.dataset_hash} != {record['dataset_hash']})"
+        )
+    config = TrainConfig.from_dict(record["config"])
+    model = new_model(config, dataset)
+    model.load_state_dict(read_tensors(work / START_FILE, "the starting model"))
+    devices = sorted(p for p in (work / DEVICES_DIR).glob("[0-9]*") if p.is_dir())
+    setup = Setup(work, dataset, config, model.train(), devices, record["settings"])
+    outcome = read_outcome(work / SERVER_DIR)
+    tracker = _tracker(options, setup)
+    try:
+        return _finish(options, setup, outcome, tracker, began, logged_rounds=False)
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+
+
+def _tracker(options: FederateOptions, setup: Setup) -> Any:
+    """The run's MLflow run (a no-op object with --no-mlflow), started."""
+    from tlsan.tracking import Tracker, TrackingOptions
+
+    origin = setup.settings["origin"]
     tracker = Tracker(
         TrackingOptions(
             enabled=options.mlflow,
@@ -306,127 +571,26 @@ def federate(
             tags={"federated": "true", "origin": origin},
         )
     )
-    try:
-        devices = work / "devices"
-        if devices.exists():
-            shutil.rmtree(devices)
-        dirs = write_devices(Path(options.data), partition, devices, progress=options.progress)
-        names = model.personal_parameter_names()
-        tables = {n: t.detach() for n, t in model.state_dict().items() if n in names}
-        client_users = [torch.from_numpy(users) for users in partition.clients]
-        provision(dirs, client_users, tables)
-
-        settings = {
-            "rounds": options.rounds,
-            "clients_per_round": options.clients_per_round,
-            "clients": len(partition),
-            "client_unit": options.client_unit,
-            "local_epochs": options.local_epochs,
-            "strategy": options.strategy,
-            "proximal_mu": options.proximal_mu if options.strategy == "fedprox" else 0.0,
-            "server_momentum": options.server_momentum if options.strategy == "fedavgm" else 0.0,
-            "server_lr": options.server_lr if options.strategy == "fedavgm" else 1.0,
-            "dp_clip": options.dp_clip,
-            "dp_noise": options.dp_noise,
-            "dp_mode": options.dp_mode if options.dp_clip > 0 else "off",
-            "patience": options.patience,
-            "min_rounds": options.min_rounds,
-            "lr_decay": options.lr_decay,
-            "select": options.select,
-            "personal_lr_scale": options.personal_lr_scale,
-            "optimizer_state": "shared" if share_state else "local",
-            "personal_epochs": options.personal_epochs,
-            "personal_lr": personal_lr,
-            "eval_fraction": options.eval_fraction,
-            "origin": origin,
-        }
-        params = {**config.flat(), **{f"fed_{k}": v for k, v in settings.items()}}
-        tags = {"dataset_hash": dataset.dataset_hash, "model_kind": "tlsan"}
-        run_id = tracker.start(params, tags, resume_run_id=None)
-        logger = _RoundLogger(run_id, options.rounds, options.progress)
-
-        def round_done(stats: RoundStats) -> None:
-            logger(stats)
-            if on_round is not None:
-                on_round(stats)
-
-        import json
-
-        config_json = json.dumps(config.to_dict())
-        plan = ServerPlan(
-            initial=get_global(model),
-            rounds=options.rounds,
-            spec=spec,
-            train_config={
-                "train-config": config_json,
-                "local-epochs": options.local_epochs,
-                "personal-lr-scale": options.personal_lr_scale,
-                "share-optimizer-state": share_state,
-                "seed": config.seed,
-            },
-            personal_config={
-                "train-config": config_json,
-                "personal-epochs": options.personal_epochs,
-                "personal-lr": personal_lr,
-                "select": SELECT[options.select],
-                "seed": config.seed,
-            },
-            seed=config.seed,
-            personalize=True,
-            patience=options.patience,
-            min_rounds=options.min_rounds,
-            lr_decay=options.lr_decay,
-            select=f"{SELECT[options.select]}-ndcg@10",
-            log=log,
-            on_round=round_done,
-            share_optimizer_state=share_state,
-        )
-        client_settings = ClientSettings(
-            devices_root=str(devices),
-            dp_clip=options.dp_clip,
-            dp_noise=options.dp_noise,
-            dp_mode=options.dp_mode,
-            threads=1,
-        )
-        try:
-            simulate(
-                plan,
-                client_settings,
-                len(partition),
-                num_cpus=options.num_cpus,
-                client_cpus=options.client_cpus,
-                verbose=verbose,
-            )
-        finally:
-            logger.close()
-        assert plan.result is not None
-        set_global(model, {name: plan.result[name] for name in global_names(model)})
-        users, rows = gather_personal(dirs, names)
-        model.set_personal(users, rows)
-        model.eval()
-        result = _finish(options, config, dataset, model, plan, settings, tracker, began)
-    except BaseException:
-        tracker.end("FAILED")
-        raise
-    finally:
-        if own_work:
-            shutil.rmtree(work, ignore_errors=True)
-    result.wire = log
-    return result
+    params = {**setup.config.flat(), **{f"fed_{k}": v for k, v in setup.settings.items()}}
+    tags = {"dataset_hash": setup.dataset.dataset_hash, "model_kind": "tlsan"}
+    tracker.start(params, tags, resume_run_id=None)
+    return tracker
 
 
 def _finish(
     options: FederateOptions,
-    config: TrainConfig,
-    dataset: Any,
-    model: Any,
-    plan: ServerPlan,
-    settings: dict[str, Any],
+    setup: Setup,
+    outcome: Outcome,
     tracker: Any,
     began: float,
+    *,
+    logged_rounds: bool,
 ) -> FederateResult:
-    """Evaluate centrally and write the run dir (atomically)."""
+    """Put the chosen global parameters and the devices' rows into the model, evaluate
+    centrally and write the run dir (atomically)."""
     from pipelines.atomic import atomic_directory
+    from tlsan.federated.client import global_names, set_global
+    from tlsan.federated.personal import gather_personal
     from tlsan.run_dir import (
         CONFIG_FILE,
         HISTORY_FILE,
@@ -438,31 +602,51 @@ def _finish(
     )
     from tlsan.train import evaluate_split
 
+    config, dataset, model, settings = setup.config, setup.dataset, setup.model, setup.settings
+    set_global(model, {name: outcome.result[name] for name in global_names(model)})
+    names = model.personal_parameter_names()
+    if setup.devices:
+        users, rows = gather_personal(setup.devices, names)
+        model.set_personal(users, rows)
+    model.eval()
+    rounds_planned = int(settings["rounds"])
+    wire = outcome.wire
+    logged = [wire.rounds[r] for r in sorted(wire.rounds) if r <= rounds_planned]
+    if not logged_rounds and tracker.run_id is not None:
+        follower = RoundFollower(
+            setup.server_dir, rounds_planned, run_id=tracker.run_id, progress=False
+        )
+        for stats in logged:
+            follower.log(stats)
+        follower.close()
     batch = config.eval_batch_size
     valid = evaluate_split(model, dataset, "valid", batch_size=batch).metrics
     test = evaluate_split(model, dataset, "test", batch_size=batch).metrics
     neutral = _neutral_copy(model)
     neutral_valid = evaluate_split(neutral, dataset, "valid", batch_size=batch).metrics
     neutral_test = evaluate_split(neutral, dataset, "test", batch_size=batch).metrics
-    logged = [plan.log.rounds[r] for r in sorted(plan.log.rounds) if r <= plan.rounds]
-    rounds = [r for r in logged if r.round > 0]
-    personal_round = plan.log.rounds.get(plan.rounds + 1)
+    personal_round = wire.rounds.get(rounds_planned + 1)
     wall = time.perf_counter() - began
     federated = {
         "settings": settings,
-        "best_round": plan.best_round,
-        "rounds_run": plan.rounds_run,
+        "best_round": outcome.best_round,
+        "rounds_run": outcome.rounds_run,
         "rounds": [asdict(r) for r in logged],
         "personalization": {
-            **plan.personal_metrics,
+            **outcome.personal_metrics,
             "bytes_sent": personal_round.bytes_sent if personal_round else 0,
             "bytes_received": personal_round.bytes_received if personal_round else 0,
         },
+        "personal_rows": "devices" if setup.devices else "start",
         "global_model_neutral_personal": {"valid": neutral_valid, "test": neutral_test},
         "wall_seconds": wall,
     }
     extra = {
-        "federated": {**settings, "best_round": plan.best_round, "rounds_run": plan.rounds_run},
+        "federated": {
+            **settings,
+            "best_round": outcome.best_round,
+            "rounds_run": outcome.rounds_run,
+        },
         "select_metric": "ndcg@10",
     }
     files = [MODEL_FILE, CONFIG_FILE, METRICS_FILE, HISTORY_FILE, FEDERATED_FILE]
@@ -474,7 +658,7 @@ def _finish(
             tmp / HISTORY_FILE,
             {
                 "select_metric": "ndcg@10",
-                "best_round": plan.best_round,
+                "best_round": outcome.best_round,
                 "wall_seconds": wall,
                 "rounds": federated["rounds"],
             },
@@ -488,7 +672,7 @@ def _finish(
 
         mlflow.log_metrics(
             {f"neutral_test/{metric_key(k)}": v for k, v in neutral_test.items()}
-            | {f"personalization/{metric_key(k)}": v for k, v in plan.personal_metrics.items()}
+            | {f"personalization/{metric_key(k)}": v for k, v in outcome.personal_metrics.items()}
         )
     tracker.finish(valid, test, run_dir, files)
     return FederateResult(
@@ -497,10 +681,11 @@ def _finish(
         test=test,
         neutral_valid=neutral_valid,
         neutral_test=neutral_test,
-        rounds=rounds,
-        best_round=plan.best_round,
-        personalization=plan.personal_metrics,
-        clients=settings["clients"],
+        rounds=[r for r in logged if r.round > 0],
+        best_round=outcome.best_round,
+        personalization=outcome.personal_metrics,
+        clients=int(settings["clients"]),
         wall_s=wall,
         mlflow_run_id=tracker.run_id,
+        wire=wire,
     )

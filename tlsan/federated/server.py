@@ -25,7 +25,7 @@ from tlsan.federated.client import VALID_KEYS
 
 if TYPE_CHECKING:
     from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-    from flwr.serverapp import Grid, ServerApp
+    from flwr.serverapp import Grid
     from flwr.serverapp.strategy import Strategy
 
 STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedavgm")
@@ -51,6 +51,8 @@ class RoundStats:
     train_loss: float = float("nan")
     valid: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    eval_seconds: float = 0.0  # of `seconds`: sending the model to the panel and its replies
+    eval_clients: int = 0  # clients on the validation panel
     lr_scale: float = 1.0  # the clients' learning rate that round, relative to the config's
 
     def metrics(self) -> dict[str, float]:
@@ -65,6 +67,7 @@ class RoundStats:
             "bytes_received": float(self.bytes_received),
             "train_loss": self.train_loss,
             "round_seconds": self.seconds,
+            "eval_seconds": self.eval_seconds,
             "lr_scale": self.lr_scale,
         }
         out.update(valid)
@@ -81,6 +84,7 @@ class Received:
     metrics: dict[str, Any]
     configs: dict[str, Any]
     record_names: list[str]
+    node: int = 0  # the node that sent it
 
 
 @dataclass
@@ -138,6 +142,7 @@ class WireLog:
                         metrics,
                         configs,
                         list(content.keys()),
+                        int(msg.metadata.src_node_id),
                     )
                 )
 
@@ -193,7 +198,9 @@ class MeteredStrategy:
     """Wraps a Flower strategy: meters traffic, checks replies, reports each finished round.
 
     It subclasses `flwr.serverapp.strategy.Strategy` at runtime (see `metered`), so
-    `Strategy.start` or `run_rounds` can drive it; the wrapped strategy samples and aggregates.
+    `Strategy.start` or `run_rounds` can drive it; the wrapped strategy samples the training
+    clients and aggregates. Evaluation goes to a fixed panel (`evaluation_panel`): the same
+    clients every round, so that rounds are compared on the same validation examples.
     `expected` maps each global parameter name to its shape.
     """
 
@@ -203,12 +210,20 @@ class MeteredStrategy:
         log: WireLog,
         expected: dict[str, tuple[int, ...]],
         on_round: Callable[[RoundStats], None] | None = None,
+        eval_fraction: float = 1.0,
+        seed: int = 0,
+        clients: int = 1,
     ) -> None:
         self.inner = inner
+        self.clients = clients  # how many nodes to wait for before drawing the panel
         self.log = log
         self.expected = expected
         self.on_round = on_round
+        self.eval_fraction = eval_fraction
+        self.seed = seed
+        self.panel: list[int] | None = None
         self._round_start = time.perf_counter()
+        self._eval_start = time.perf_counter()
 
     def summary(self) -> None:
         self.inner.summary()
@@ -239,9 +254,20 @@ class MeteredStrategy:
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        from flwr.app import Message, MessageType, RecordDict
+
         if server_round == 0:  # the starting parameters: an evaluation-only round
             self._round_start = time.perf_counter()
-        messages = list(self.inner.configure_evaluate(server_round, arrays, config, grid))
+        if self.panel is None:
+            nodes = wait_for_nodes(grid, self.clients)
+            self.panel = evaluation_panel(nodes, self.eval_fraction, self.seed)
+        self._eval_start = time.perf_counter()
+        config["server-round"] = server_round
+        content = RecordDict({"arrays": arrays, "config": config})
+        messages = [
+            Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node)
+            for node in self.panel
+        ]
         self.log.record_sent(server_round, messages)
         return messages
 
@@ -261,7 +287,10 @@ class MeteredStrategy:
             stats.valid = {
                 k.removeprefix("valid-"): float(v) for k, v in metrics.items() if k != WEIGHT_KEY
             }
-        stats.seconds = time.perf_counter() - self._round_start
+        now = time.perf_counter()
+        stats.seconds = now - self._round_start
+        stats.eval_seconds = now - self._eval_start
+        stats.eval_clients = len(replies)
         if self.on_round is not None:
             self.on_round(stats)
         return metrics
@@ -272,12 +301,41 @@ def metered(
     log: WireLog,
     expected: dict[str, tuple[int, ...]],
     on_round: Callable[[RoundStats], None] | None = None,
+    eval_fraction: float = 1.0,
+    seed: int = 0,
+    clients: int = 1,
 ) -> Strategy:
     """`MeteredStrategy` as a real `Strategy` subclass (Flower is imported lazily)."""
     from flwr.serverapp.strategy import Strategy
 
     cls = type("MeteredFlowerStrategy", (MeteredStrategy, Strategy), {})
-    return cls(inner, log, expected, on_round)
+    return cls(inner, log, expected, on_round, eval_fraction, seed, clients)
+
+
+def wait_for_nodes(grid: Grid, count: int, poll_s: float = 0.5) -> list[int]:
+    """The connected node ids, once at least `count` are connected (SuperNodes and simulated
+    nodes register asynchronously)."""
+    while len(nodes := sorted(grid.get_node_ids())) < count:
+        time.sleep(poll_s)
+    return nodes
+
+
+def panel_size(eval_fraction: float, clients: int) -> int:
+    """How many clients evaluate each round: the fraction of them, rounded, at least one
+    (none only for a fraction of 0)."""
+    if eval_fraction <= 0 or clients == 0:
+        return 0
+    return min(clients, max(1, round(eval_fraction * clients)))
+
+
+def evaluation_panel(nodes: list[int], eval_fraction: float, seed: int) -> list[int]:
+    """The clients that report validation metrics in every round: a seeded sample of
+    `eval_fraction` of them, drawn once. One panel for all rounds compares each round with
+    the others on the same examples (the difference between two rounds is measured on the
+    same users), which a fresh sample per round would not; the price is that the panel's
+    level is not the whole population's, which the choice of a round does not need."""
+    size = panel_size(eval_fraction, len(nodes))
+    return sorted(random.Random(seed).sample(sorted(nodes), size))
 
 
 def weighted_mean(records: list[Any], weight_key: str) -> MetricRecord:
@@ -364,7 +422,7 @@ def make_strategy(spec: StrategySpec) -> Strategy:
         FedProx,
     )
 
-    n_eval = round(spec.eval_fraction * spec.total_clients)
+    n_eval = panel_size(spec.eval_fraction, spec.total_clients)  # (MeteredStrategy's panel)
     common: dict[str, Any] = {
         # fraction * total rounds down; the minimum then fixes the sample at exactly C
         "fraction_train": 1e-9,
@@ -417,6 +475,8 @@ class ServerPlan:
     min_rounds: int = 0  # ...but never before this round (the early plateau)
     # after a round without improvement the clients' learning rate is multiplied by this
     lr_decay: float = 1.0
+    # a round improves (resetting patience and lr decay) only if it beats the best by more
+    min_delta: float = 0.0
     evaluate_start: bool = True  # also evaluate the starting parameters (round 0)
     # clients also send (and get back, averaged) Adam's moments of the global parameters
     share_optimizer_state: bool = False
@@ -460,33 +520,34 @@ def run_personalization(grid: Grid, arrays: ArrayRecord, plan: ServerPlan) -> di
     return {k: float(v) for k, v in aggregated.items()}
 
 
-def build_server_app(plan: ServerPlan) -> ServerApp:
-    """The ServerApp for one federated run (in simulation it runs in a thread of this process,
-    so `plan` is shared with the caller and receives the result)."""
+def run_server(grid: Grid, plan: ServerPlan) -> None:
+    """The ServerApp's work for one federated run: the rounds, then personalization; fills in
+    `plan.result`, `plan.best_round`, `plan.rounds_run` and `plan.personal_metrics`."""
     from flwr.app import Array, ArrayRecord
-    from flwr.serverapp import ServerApp
 
-    app = ServerApp()
-
-    @app.main()
-    def main(grid: Grid, context: Any) -> None:
-        random.seed(plan.seed)  # Flower's node sampling uses the global `random`
-        names = tuple(plan.initial)
-        shapes = {name: tuple(np.shape(value)) for name, value in plan.initial.items()}
-        if plan.share_optimizer_state:
-            shapes.update(optimizer_state.state_shapes(shapes))
-        strategy = metered(make_strategy(plan.spec), plan.log, shapes, plan.on_round)
-        strategy.summary()
-        start = dict(plan.initial)
-        if plan.share_optimizer_state:
-            start.update(optimizer_state.fresh(plan.initial))
-        initial = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in start.items()})
-        arrays = run_rounds(grid, strategy, initial, plan)
-        if plan.personalize:
-            plan.personal_metrics = run_personalization(grid, parameters_only(arrays), plan)
-        plan.result = {name: arrays[name].numpy() for name in names}
-
-    return app
+    random.seed(plan.seed)  # Flower's node sampling uses the global `random`
+    names = tuple(plan.initial)
+    shapes = {name: tuple(np.shape(value)) for name, value in plan.initial.items()}
+    if plan.share_optimizer_state:
+        shapes.update(optimizer_state.state_shapes(shapes))
+    strategy = metered(
+        make_strategy(plan.spec),
+        plan.log,
+        shapes,
+        plan.on_round,
+        eval_fraction=plan.spec.eval_fraction,
+        seed=plan.seed,
+        clients=plan.spec.total_clients,
+    )
+    strategy.summary()
+    start = dict(plan.initial)
+    if plan.share_optimizer_state:
+        start.update(optimizer_state.fresh(plan.initial))
+    initial = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in start.items()})
+    arrays = run_rounds(grid, strategy, initial, plan)
+    if plan.personalize:
+        plan.personal_metrics = run_personalization(grid, parameters_only(arrays), plan)
+    plan.result = {name: arrays[name].numpy() for name in names}
 
 
 def parameters_only(arrays: ArrayRecord) -> ArrayRecord:
@@ -513,7 +574,10 @@ def run_rounds(
     federated validation `plan.select` (round 0 = the starting parameters) win, and with
     `plan.patience` the loop stops after that many rounds without improvement. Every round
     without improvement also multiplies the clients' learning rate by `plan.lr_decay` (sent
-    as `lr-scale`), as a central `ReduceLROnPlateau` with patience 1 would."""
+    as `lr-scale`), as a central `ReduceLROnPlateau` with patience 1 would. A round improves
+    when it beats the value of the last improving round by more than `plan.min_delta` (as
+    early stopping's `min_delta`: noise smaller than that does not reset the patience);
+    the kept round is the best one whatever `min_delta`."""
     eval_config = _config_record(plan.train_config)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> float | None:
@@ -526,8 +590,10 @@ def run_rounds(
         return None if math.isnan(value) else value
 
     arrays = initial
-    best, best_value = initial, evaluate(0, initial) if plan.evaluate_start else None
-    plan.best_round, bad, lr_scale = 0, 0, 1.0
+    best, best_value, plan.best_round = initial, None, 0
+    if plan.evaluate_start:
+        best_value = evaluate(0, initial)
+    reference, bad, lr_scale = best_value, 0, 1.0  # reference: the last improvement's value
     for server_round in range(1, plan.rounds + 1):
         plan.log.stats(server_round).lr_scale = lr_scale
         train_config = _config_record(
@@ -539,7 +605,9 @@ def run_rounds(
             arrays = aggregated
         value = evaluate(server_round, arrays)
         if value is None or best_value is None or value > best_value:
-            best, best_value, plan.best_round, bad = arrays, value, server_round, 0
+            best, best_value, plan.best_round = arrays, value, server_round
+        if value is None or reference is None or value > reference + plan.min_delta:
+            reference, bad = value, 0
         else:
             bad += 1
             lr_scale *= plan.lr_decay

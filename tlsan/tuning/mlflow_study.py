@@ -12,6 +12,7 @@ so nothing here depends on which process started what.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 STUDY_TAG = "optuna.study"
 TRIAL_TAG = "optuna.trial_number"
 STATE_TAG = "optuna.state"
+PARENT_WAIT_S = 60.0  # how long a worker waits for the study's creator to name the parent
 
 
 def client() -> MlflowClient:
@@ -60,13 +62,29 @@ def experiment_id(mlflow_client: MlflowClient, name: str = DEFAULT_EXPERIMENT) -
         return found.experiment_id
 
 
-def parent_run(study: optuna.Study, params: dict[str, Any], storage_url: str) -> str:
-    """The study's parent run: reopened when the study names one, created otherwise."""
+def parent_run(
+    study: optuna.Study,
+    params: dict[str, Any],
+    storage_url: str,
+    *,
+    created: bool = True,
+    wait_s: float = PARENT_WAIT_S,
+) -> str:
+    """The study's parent run: reopened when the study names one, created otherwise.
+
+    Workers started together on a new study must all nest under one parent. The worker that
+    created the study (`created`, see `tlsan.tuning.study.create_or_open_study`) creates the
+    parent; the others wait up to `wait_s` for the study to name it. Past that (a study
+    created by an older version, or whose creator died first) a worker creates one itself,
+    then keeps whichever parent the study names once it has written its own, deleting its
+    run if another worker's won."""
     from mlflow.exceptions import MlflowException
 
     mlflow_client = client()
     run_id = study.user_attrs.get(MLFLOW_PARENT_ATTR)
-    if isinstance(run_id, str):
+    if run_id is None and not created:
+        run_id = _wait_for_parent(study, wait_s)
+    if isinstance(run_id, str) and run_id:  # "": created without MLflow, no parent yet
         try:
             run = mlflow_client.get_run(run_id)
         except MlflowException:
@@ -84,7 +102,33 @@ def parent_run(study: optuna.Study, params: dict[str, Any], storage_url: str) ->
     for key, value in params.items():
         mlflow_client.log_param(run_id, key, str(value))
     study.set_user_attr(MLFLOW_PARENT_ATTR, run_id)
+    if created:
+        return run_id
+    named = _named_parent(study)
+    if named is not None and named != run_id:  # another late joiner's parent won
+        mlflow_client.delete_run(run_id)
+        return named
     return run_id
+
+
+def _named_parent(study: optuna.Study) -> str | None:
+    """The parent run the storage names now (a fresh read, not the study's cached attrs)."""
+    import optuna
+
+    fresh = optuna.load_study(study_name=study.study_name, storage=study._storage)
+    value = fresh.user_attrs.get(MLFLOW_PARENT_ATTR)
+    return value if isinstance(value, str) else None
+
+
+def _wait_for_parent(study: optuna.Study, wait_s: float, poll_s: float = 0.5) -> str | None:
+    """The parent the study's creator is about to name, or None after `wait_s`."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        named = _named_parent(study)
+        if named is not None:
+            return named
+        time.sleep(poll_s)
+    return None
 
 
 def tag_trial(run_id: str, state: str, value: float | None, metric: str) -> None:

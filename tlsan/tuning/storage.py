@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,7 @@ JOURNAL_PREFIX = "journal:"
 # Dialects Optuna's RDBStorage is known to work with (anything SQLAlchemy names this way).
 RDB_SCHEMES: tuple[str, ...] = ("sqlite", "postgresql", "mysql", "oracle", "mssql")
 SQLITE_TIMEOUT_S = 60  # processes sharing a sqlite file wait for its lock instead of failing
+SCHEMA_RACE_RETRIES = 5  # opening attempts while another process creates a new database
 
 
 def journal_path(url: str) -> Path | None:
@@ -60,10 +62,27 @@ def check_url(url: str) -> None:
         )
 
 
+def _rdb_storage(url: str, engine_kwargs: dict) -> BaseStorage:
+    """Optuna's RDBStorage, retried while another process creates the same new database: two
+    workers started together on a fresh database both try to create its tables and version
+    row, and the one that loses that race fails with an integrity or "already exists" error;
+    a moment later the schema is there and opening it succeeds."""
+    import optuna
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    for attempt in range(SCHEMA_RACE_RETRIES):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        except (IntegrityError, OperationalError):
+            if attempt == SCHEMA_RACE_RETRIES - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 def open_storage(url: str) -> BaseStorage:
     """An Optuna storage for `url`; parent folders of sqlite and journal files are created."""
     check_url(url)
-    import optuna
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     journal = journal_path(url)
@@ -76,7 +95,7 @@ def open_storage(url: str) -> BaseStorage:
         if db is not None:
             db.parent.mkdir(parents=True, exist_ok=True)
             kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        return _rdb_storage(url, kwargs)
     except (ImportError, ModuleNotFoundError) as exc:
         raise ConfigError(f"--storage {url!r}: the database driver is missing ({exc})") from exc
     except OSError as exc:

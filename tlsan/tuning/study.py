@@ -107,7 +107,26 @@ def open_study(
     pruner: optuna.pruners.BasePruner,
 ) -> optuna.Study:
     """Create the study or load it (resume / another worker), checking its identity."""
+    return create_or_open_study(
+        storage, storage_url, name, identity=identity, sampler=sampler, pruner=pruner
+    )[0]
+
+
+def create_or_open_study(
+    storage: BaseStorage,
+    storage_url: str,
+    name: str,
+    *,
+    identity: dict[str, Any],
+    sampler: optuna.samplers.BaseSampler,
+    pruner: optuna.pruners.BasePruner,
+) -> tuple[optuna.Study, bool]:
+    """(the study, whether this process created it). Creating a study is atomic in every
+    Optuna storage (its name is unique), so of several workers started together exactly one
+    learns it created the study: that one sets the study up (its MLflow parent run, see
+    `tlsan.tuning.mlflow_study.parent_run`) while the others wait for it."""
     import optuna
+    from optuna.exceptions import DuplicatedStudyError
 
     if not name or not name.strip():
         raise ConfigError("--study: expected a non-empty study name")
@@ -116,19 +135,22 @@ def open_study(
             storage=storage,
             study_name=name,
             direction="maximize",
-            load_if_exists=True,
             sampler=sampler,
             pruner=pruner,
         )
-    except ValueError as exc:  # e.g. an existing study optimised in another direction
+        created = True
+    except DuplicatedStudyError:
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
+        created = False
+    except ValueError as exc:
         raise ConfigError(f"{_describe(storage_url, name)}: {exc}") from exc
-    if study.direction != optuna.study.StudyDirection.MAXIMIZE:
+    if len(study.directions) != 1 or study.direction != optuna.study.StudyDirection.MAXIMIZE:
         raise ConfigError(
             f"{_describe(storage_url, name)}: exists and minimizes; tlsan tune maximizes "
             "a validation metric (use another --study)"
         )
     check_identity(study, storage_url, identity)
-    return study
+    return study, created
 
 
 def check_identity(study: optuna.Study, storage_url: str, identity: dict[str, Any]) -> None:

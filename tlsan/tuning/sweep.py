@@ -28,7 +28,12 @@ from tlsan.tuning.settings import (
 )
 from tlsan.tuning.space import SearchSpace, load_space
 from tlsan.tuning.storage import open_storage
-from tlsan.tuning.study import make_pruner, make_sampler, open_study
+from tlsan.tuning.study import (
+    MLFLOW_PARENT_ATTR,
+    create_or_open_study,
+    make_pruner,
+    make_sampler,
+)
 from tlsan.tuning.workers import StopFlag, run_worker, tally
 
 if TYPE_CHECKING:
@@ -48,7 +53,7 @@ def run_sweep(settings: TuneSettings, stop: StopFlag | None = None) -> SweepOutc
     space = load_space(settings.space, base)
     dataset = load_tuning_data(settings.data)
     max_epochs = epoch_budget(settings, base, space)
-    study = open_study(
+    study, created = create_or_open_study(
         open_storage(settings.storage),
         settings.storage,
         settings.study,
@@ -57,10 +62,12 @@ def run_sweep(settings: TuneSettings, stop: StopFlag | None = None) -> SweepOutc
         pruner=make_pruner(settings.pruner, max_epochs),
     )
     parent = None
+    if created and not settings.mlflow:  # no parent to wait for when MLflow joins later
+        study.set_user_attr(MLFLOW_PARENT_ATTR, "")
     if settings.mlflow:
         from tlsan.tuning.mlflow_study import parent_run
 
-        parent = parent_run(study, sweep_params(settings), settings.storage)
+        parent = parent_run(study, sweep_params(settings), settings.storage, created=created)
     deadline = time.monotonic() + settings.timeout if settings.timeout else None
     if settings.jobs > 1 and not settings.worker:
         status, ran = run_processes(settings, study, stop, deadline), []
