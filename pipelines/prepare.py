@@ -28,13 +28,16 @@ from pipelines.sessions import event_table
 from pipelines.splits import leave_one_out_examples, paper_examples, time_examples
 from pipelines.vocab import Codebook, Vocabularies, index_events
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: examples gained long_time, short_time and target_pos
 EXAMPLE_COLUMNS = (
     "user",
     "long_items",
     "long_tau",
+    "long_time",
     "short_items",
+    "short_time",
     "target",
+    "target_pos",
     "user_category",
     "ref_time",
     "history_end",
@@ -69,7 +72,7 @@ def build_examples(table: pl.DataFrame, config: PrepareConfig) -> dict[str, pl.D
     else:
         assert config.valid_from is not None and config.test_from is not None
         examples = time_examples(events, valid_from=config.valid_from, test_from=config.test_from)
-    positions = examples.collect()
+    positions = with_target_pos(examples.collect(), table)
     split = positions["split"]
     return {
         name: attach_features(
@@ -80,6 +83,22 @@ def build_examples(table: pl.DataFrame, config: PrepareConfig) -> dict[str, pl.D
         ).select(*EXAMPLE_COLUMNS)
         for name in SPLITS
     }
+
+
+def with_target_pos(positions: pl.DataFrame, table: pl.DataFrame) -> pl.DataFrame:
+    """`positions` plus `target_pos`, the target event's `pos`: the skipped event of a held-out
+    session (`skip_pos`), else the end of the short-term range (every split builder's
+    convention, checked here against the table, so a builder that breaks it fails loudly)."""
+    target_pos = (
+        pl.when(pl.col("skip_pos") >= 0).then(pl.col("skip_pos")).otherwise(pl.col("short_end"))
+    )
+    positions = positions.with_columns(target_pos.cast(pl.Int32).alias("target_pos"))
+    at = positions["offset"].to_numpy() + positions["target_pos"].to_numpy()
+    items = table["item"].to_numpy()
+    found = items[np.clip(at, 0, max(items.size - 1, 0))] if items.size else at
+    if positions.height and not np.array_equal(found, positions["target"].to_numpy()):
+        raise RuntimeError("split builder: a target is not the event at its target_pos")
+    return positions
 
 
 CHUNK_EVENTS = 1 << 20  # events per block of whole users (bounded, reused temporaries)

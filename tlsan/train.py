@@ -41,6 +41,7 @@ from tlsan.run_dir import (
     write_json,
     write_tensors,
 )
+from tlsan.sequences import training_batches
 from tlsan.tracking import Tracker, TrackingOptions
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -91,7 +92,7 @@ def new_model(
 ) -> nn.Module:
     """A model for `dataset`: seeded initial weights; `pop` is fitted on the train split."""
     from tlsan.baselines import Pop
-    from tlsan.model import build_model
+    from tlsan.models import build_model
 
     model_config = config.model if isinstance(config, TrainConfig) else config
     if seed is None and isinstance(config, TrainConfig):
@@ -131,22 +132,18 @@ def train_epoch(
 ) -> EpochStats:
     """One shuffled pass over `rows` of `split` (all rows by default).
 
-    Loss = `config.loss` (BCE or sampled softmax) over each positive and its
-    `config.negatives` sampled negatives, plus
+    Loss = `config.loss` (tlsan/scoring.py) over the batches of `training_batches` (each
+    example's target, or every position of (Ti)SASRec's sequence windows), plus
     `config.l2 * sum(w**2) / 2` over the model's `l2_parameters()` (the paper's L2).
     """
     model.train()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     l2_params = model.l2_parameters() if config.l2 > 0 else []
-    n_rows = len(split) if rows is None else int(rows.numel())
-    steps = math.ceil(n_rows / config.batch_size)
     total = torch.zeros((), dtype=torch.float64)
     start = time.perf_counter()
+    steps, batches = training_batches(model, split, config, generator, rows)
     bar = tqdm(total=steps, desc=desc, unit="step", leave=False, disable=not progress)
     seen = 0
-    batches = split.batches(
-        config.batch_size, negatives=config.negatives, generator=generator, rows=rows
-    )
     for step, batch in enumerate(batches, 1):
         if config.session_fold > 0:
             fold = torch.rand(len(batch), generator=generator) < config.session_fold
@@ -307,8 +304,9 @@ def fit(
                 progress=progress, desc=f"epoch {epoch}/{config.epochs}",
             )  # fmt: skip
             valid = evaluate_split(
-                model, dataset, "valid", ks=ks, batch_size=config.eval_batch_size
-            )
+                model, dataset, "valid", ks=ks, include_history=config.include_history,
+                batch_size=config.eval_batch_size,
+            )  # fmt: skip
             record = {
                 "epoch": epoch,
                 "loss": stats.loss,
@@ -347,8 +345,9 @@ def fit(
             stopped_early = stopped_early or state["epoch"] < config.epochs
         if best_weights is None:  # nothing trained (pop, or epochs = 0): the model as built
             valid = evaluate_split(
-                model, dataset, "valid", ks=ks, batch_size=config.eval_batch_size
-            )
+                model, dataset, "valid", ks=ks, include_history=config.include_history,
+                batch_size=config.eval_batch_size,
+            )  # fmt: skip
             history.append({"epoch": 0, "loss": None, **valid.metrics})
             tracker.log_epoch(0, valid.metrics)
             if on_epoch is not None:
@@ -359,7 +358,10 @@ def fit(
         model.eval()
         test = None
         if evaluate_test:
-            test = evaluate_split(model, dataset, "test", batch_size=config.eval_batch_size).metrics
+            test = evaluate_split(
+                model, dataset, "test", include_history=config.include_history,
+                batch_size=config.eval_batch_size,
+            ).metrics  # fmt: skip
         wall = time.perf_counter() - began
         valid_best: dict[str, float] = state["best_valid"]
         files = _write_results(run_dir, config, dataset, model, state, valid_best, test, wall)
