@@ -276,7 +276,7 @@ def default_config(model: str = "tlsan", n_items: int | None = None) -> TrainCon
                 kind=model, d_item=32, d_cat=32, heads=2, blocks=2, dropout=0.3, max_len=50
             ),
             optimizer="adam",
-            lr=1e-3,
+            lr=3e-3,
             batch_size=128,
             negatives=SAMPLED_NEGATIVES if large else 1,
             loss="sampled" if large else "ce",

@@ -182,17 +182,28 @@ class ExampleArrays:
 
     def batch(self, rows: Tensor | None = None, negatives: Tensor | None = None) -> Batch:
         """The examples at `rows` (all when None) as a model batch."""
-        arrays = self if rows is None else self.take(rows)
+        if rows is None:
+            return Batch(
+                self.user,
+                self.long_items,
+                self.long_tau,
+                self.short_items,
+                self.user_category,
+                self.target,
+                negatives,
+                long_time=self.long_time,
+                short_time=self.short_time,
+            )
         return Batch(
-            arrays.user,
-            arrays.long_items,
-            arrays.long_tau,
-            arrays.short_items,
-            arrays.user_category,
-            arrays.target,
+            self.user[rows],
+            self.long_items[rows],
+            self.long_tau[rows],
+            self.short_items[rows],
+            self.user_category[rows],
+            self.target[rows],
             negatives,
-            long_time=arrays.long_time,
-            short_time=arrays.short_time,
+            long_time=_rows(self.long_time, rows),
+            short_time=_rows(self.short_time, rows),
         )
 
 
