@@ -112,6 +112,18 @@ def test_leave_one_out_windows_train_every_position_and_every_target_once(loo: D
     windows = sequence_windows(loo.train, SMALL["max_len"])
     assert windows.labels == len(loo.train)
     assert len(windows) > loo.train.arrays.user.unique().numel()  # long users give chunks
+    # a subset of rows (a federated client, a distributed shard) labels exactly its targets
+    rows = torch.arange(0, len(loo.train), 3)
+    subset = sequence_windows(loo.train, SMALL["max_len"], rows)
+    batch = window_batch(loo.train, subset, torch.arange(len(subset)), kind="ce", negatives=0)
+    expected = sorted(
+        zip(
+            loo.train.arrays.user[rows].tolist(),
+            loo.train.arrays.target_pos[rows].tolist(),
+            strict=True,
+        )
+    )
+    assert sorted(_labelled(loo.train, [batch])) == expected
 
 
 def test_last_session_windows_label_only_the_splits_training_targets(
