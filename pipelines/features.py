@@ -3,8 +3,9 @@
 An example is described by positions into its user's event table (`pipelines.sessions`):
 `history_end` (events before it are the long-term history), `[short_start, short_end)` minus
 `skip_pos` (the short-term session) and `ref_time`. `feature_lists` turns those positions into
-item lists, time features and the user category with array operations; `attach_features`
-runs it on a split's examples, `online_features` on serving requests at their `now`.
+item lists, their timestamps, time features and the user category with array operations;
+`attach_features` runs it on a split's examples, `online_features` on serving requests at their
+`now`.
 """
 
 from __future__ import annotations
@@ -95,7 +96,8 @@ FEATURE_CHUNK = 1 << 14  # examples per chunk: temporaries of a few MB stay in c
 def attach_features(
     examples: pl.DataFrame, table: pl.DataFrame, *, max_long: int, max_short: int
 ) -> pl.DataFrame:
-    """Add long_items, long_tau, short_items and user_category to position-described examples.
+    """Add long_items, long_tau, long_time, short_items, short_time and user_category to
+    position-described examples.
 
     `examples` needs the EXAMPLE_KEYS columns plus ref_time (one row per example); `table`
     is the collected event table. `max_short` 0 keeps whole sessions. The lists are assembled
@@ -103,7 +105,10 @@ def attach_features(
     contiguous range of its user's events, so no explode or group_by is needed. Chunks of
     FEATURE_CHUNK examples keep the temporaries small (and in cache).
     """
-    columns = {name: table[name].to_numpy() for name in ("item", "day", "pos", "mode_category")}
+    columns = {
+        name: table[name].to_numpy()
+        for name in ("item", "timestamp", "day", "pos", "mode_category")
+    }
     parts = [
         _features(examples.slice(start, FEATURE_CHUNK), columns, max_long, max_short)
         for start in range(0, max(examples.height, 1), FEATURE_CHUNK)
@@ -122,6 +127,8 @@ class FeatureLists:
     long_offsets: np.ndarray
     short_items: np.ndarray  # flat int32
     short_offsets: np.ndarray
+    long_time: np.ndarray  # flat int64 unix seconds, one per long item
+    short_time: np.ndarray  # flat int64 unix seconds, one per short item
 
 
 def feature_lists(
@@ -131,8 +138,8 @@ def feature_lists(
     max_short: int,
 ) -> FeatureLists:
     """The feature lists of position-described examples (EXAMPLE_KEYS minus user, plus
-    ref_time) over the event-table columns item, day, pos and mode_category: the single
-    implementation behind offline examples and online requests."""
+    ref_time) over the event-table columns item, timestamp, day, pos and mode_category: the
+    single implementation behind offline examples and online requests."""
     off = positions["offset"].astype(np.int64, copy=False)
     h = positions["history_end"].astype(np.int64, copy=False)
     item = table["item"]
@@ -141,6 +148,7 @@ def feature_lists(
     ref_day = positions["ref_time"] // SECONDS_PER_DAY
     long_tau = tau_array(np.repeat(ref_day, _lengths(long_offsets)), table["day"][idx])
     long_items = item[idx]
+    long_time = table["timestamp"][idx]
 
     s_start = positions["short_start"].astype(np.int64, copy=False)
     s_end = positions["short_end"].astype(np.int64, copy=False)
@@ -150,6 +158,7 @@ def feature_lists(
     skip = np.repeat(positions["skip_pos"].astype(np.int64, copy=False), _lengths(short_offsets))
     short_offsets, keep = _keep(short_offsets, table["pos"][idx] != skip, max_short)
     short_items = item[idx[keep]]
+    short_time = table["timestamp"][idx[keep]]
 
     mode = table["mode_category"]
     category = np.where(h > 0, mode[np.maximum(off + h - 1, 0)], 0).astype(np.int32)
@@ -160,6 +169,8 @@ def feature_lists(
         long_offsets=long_offsets,
         short_items=short_items.astype(np.int32, copy=False),
         short_offsets=short_offsets,
+        long_time=long_time.astype(np.int64, copy=False),
+        short_time=short_time.astype(np.int64, copy=False),
     )
 
 
@@ -175,13 +186,15 @@ def _features(
 
 
 def _feature_frame(lists: FeatureLists) -> pl.DataFrame:
-    """user_category, long_items, long_tau and short_items as Polars columns."""
+    """user_category and the feature lists as Polars columns."""
     return pl.DataFrame(
         [
             pl.Series("user_category", lists.user_category),
             _lists(lists.long_offsets, lists.long_items, "long_items"),
             _lists(lists.long_offsets, lists.long_tau, "long_tau"),
+            _lists(lists.long_offsets, lists.long_time, "long_time"),
             _lists(lists.short_offsets, lists.short_items, "short_items"),
+            _lists(lists.short_offsets, lists.short_time, "short_time"),
         ]
     )
 
@@ -231,6 +244,8 @@ class UserFeatures:
     user_category: int
     ref_time: int
     history_end: int
+    long_time: list[int]  # unix seconds of each long-term event
+    short_time: list[int]  # unix seconds of each short-term event
 
 
 @dataclass(frozen=True)
@@ -279,13 +294,17 @@ class OnlineFeatures:
             user_category=int(lists.user_category[n]),
             ref_time=int(self.ref_time[n]),
             history_end=int(self.history_end[n]),
+            long_time=lists.long_time[long].tolist(),
+            short_time=lists.short_time[short].tolist(),
         )
 
 
 USER_FEATURE_COLUMNS = (
     "long_items",
     "long_tau",
+    "long_time",
     "short_items",
+    "short_time",
     "user_category",
     "ref_time",
     "history_end",
@@ -336,7 +355,7 @@ def online_features(
     positions = {key: columns[column][targets] for key, column in TARGET_POSITIONS.items()}
     positions["offset"] = columns["offset"][targets]
     positions["skip_pos"] = np.full(n, NO_SKIP, dtype=np.int64)
-    table = {"item": item, "day": columns["day"], "pos": columns["pos"]}
+    table = {"item": item, "timestamp": stamp, "day": columns["day"], "pos": columns["pos"]}
     table["mode_category"] = columns["mode_category"]
     lists = feature_lists(positions, table, max_long, max_short)
     return OnlineFeatures(
@@ -391,6 +410,8 @@ def to_user_features(frame: pl.DataFrame) -> list[UserFeatures]:
             user_category=int(r["user_category"]),
             ref_time=int(r["ref_time"]),
             history_end=int(r["history_end"]),
+            long_time=list(r["long_time"]),
+            short_time=list(r["short_time"]),
         )
         for r in frame.iter_rows(named=True)
     ]

@@ -38,17 +38,19 @@ from pipelines.splits import (
 from pipelines.vocab import Codebook, Vocabularies, index_events
 from pipelines.writing import Block, WrittenDataset, write_blocks
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: examples gained long_time, short_time and target_pos
 EXAMPLE_COLUMNS = (
     "user",
     "long_items",
     "long_tau",
+    "long_time",
     "short_items",
+    "short_time",
     "target",
+    "target_pos",
     "user_category",
     "ref_time",
     "history_end",
-    "target_pos",
 )
 SPLITS = ("train", "valid", "test")
 EVENT_COLUMNS = ("user", "item", "category", "timestamp", "session", "pos")
@@ -84,7 +86,7 @@ def build_examples(table: pl.DataFrame, config: PrepareConfig) -> dict[str, pl.D
     else:
         assert config.valid_from is not None and config.test_from is not None
         examples = time_examples(events, valid_from=config.valid_from, test_from=config.test_from)
-    positions = examples.collect()
+    positions = check_target_pos(examples.collect(), table)
     columns = list(EXAMPLE_COLUMNS)
     if config.protocol == "reference":
         positions = _with_fixed_negatives(positions, table)
@@ -114,6 +116,17 @@ def _with_fixed_negatives(positions: pl.DataFrame, table: pl.DataFrame) -> pl.Da
     test = (positions["split"] == "test").to_numpy()
     at[test] = first_positions(table, users[test], positions["target"].to_numpy()[test])
     return positions.with_columns(pl.Series("negative", negatives[offsets + at], pl.Int32))
+
+
+def check_target_pos(positions: pl.DataFrame, table: pl.DataFrame) -> pl.DataFrame:
+    """`positions` as given, after checking that every split builder's `target_pos` is the
+    event of its `target` (a builder that breaks it fails loudly, not with shifted labels)."""
+    at = positions["offset"].to_numpy() + positions["target_pos"].to_numpy()
+    items = table["item"].to_numpy()
+    found = items[np.clip(at, 0, max(items.size - 1, 0))] if items.size else at
+    if positions.height and not np.array_equal(found, positions["target"].to_numpy()):
+        raise RuntimeError("split builder: a target is not the event at its target_pos")
+    return positions
 
 
 CHUNK_EVENTS = 1 << 20  # events per block of whole users (bounded, reused temporaries)

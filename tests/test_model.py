@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from tlsan.baselines import Pop, SASRec
+from tlsan.baselines import Pop
 from tlsan.config import (
     ModelConfig,
     TrainConfig,
@@ -19,7 +19,9 @@ from tlsan.config import (
 )
 from tlsan.data import Batch, VocabSizes
 from tlsan.errors import ConfigError
-from tlsan.model import TLSAN, build_model
+from tlsan.model import TLSAN
+from tlsan.models import build_model
+from tlsan.sasrec import SASRec
 
 SIZES = VocabSizes(users=7, items=30, categories=4)
 ITEM_CATEGORY = torch.tensor([0] + [1 + i % 3 for i in range(29)])
@@ -35,6 +37,8 @@ def make_batch(seed: int = 0, B: int = 5, L: int = 12, S: int = 4) -> Batch:
     long_items[cols_l.unsqueeze(0) < (L - long_len).unsqueeze(1)] = 0
     short_items = torch.randint(1, SIZES.items, (B, S), generator=g)
     short_items[cols_s.unsqueeze(0) < (S - short_len).unsqueeze(1)] = 0
+    gaps = torch.randint(0, 5, (B, L + S), generator=g) * 86_400  # some share a timestamp
+    times = (1_500_000_000 + gaps.cumsum(1)) * (torch.cat([long_items, short_items], 1) > 0)
     return Batch(
         user=torch.randint(1, SIZES.users, (B,), generator=g),
         long_items=long_items,
@@ -43,6 +47,8 @@ def make_batch(seed: int = 0, B: int = 5, L: int = 12, S: int = 4) -> Batch:
         user_category=torch.randint(1, SIZES.categories, (B,), generator=g),
         target=torch.randint(1, SIZES.items, (B,), generator=g),
         negatives=torch.randint(1, SIZES.items, (B, 3), generator=g),
+        long_time=times[:, :L],
+        short_time=times[:, L:],
     )
 
 
@@ -58,10 +64,15 @@ def models() -> list[torch.nn.Module]:
             ITEM_CATEGORY,
         ),
         pop,
+        build_model(
+            ModelConfig(kind="tisasrec", d_item=8, d_cat=8, heads=2, max_len=10, time_span=16),
+            SIZES,
+            ITEM_CATEGORY,
+        ),
     ]
 
 
-@pytest.mark.parametrize("index", [0, 1, 2], ids=["tlsan", "sasrec", "pop"])
+@pytest.mark.parametrize("index", [0, 1, 2, 3], ids=["tlsan", "sasrec", "pop", "tisasrec"])
 def test_catalog_scores_are_inner_products(index: int) -> None:
     model = models()[index].eval()
     batch = make_batch()
@@ -76,7 +87,7 @@ def test_catalog_scores_are_inner_products(index: int) -> None:
         torch.testing.assert_close(candidates, scores.gather(1, batch.negatives))
 
 
-@pytest.mark.parametrize("index", [0, 1], ids=["tlsan", "sasrec"])
+@pytest.mark.parametrize("index", [0, 1, 3], ids=["tlsan", "sasrec", "tisasrec"])
 def test_padding_never_changes_a_score(index: int) -> None:
     model = models()[index].eval()
     batch = make_batch(seed=3)
@@ -88,6 +99,8 @@ def test_padding_never_changes_a_score(index: int) -> None:
             long_items=torch.nn.functional.pad(batch.long_items, (7, 0)),
             long_tau=torch.nn.functional.pad(batch.long_tau, (7, 0), value=0.9),
             short_items=torch.nn.functional.pad(batch.short_items, (3, 0)),
+            long_time=torch.nn.functional.pad(batch.long_time, (7, 0), value=123),
+            short_time=torch.nn.functional.pad(batch.short_time, (3, 0), value=456),
         )
         # column 0 (the padding item itself) is never ranked; every real item keeps its score
         torch.testing.assert_close(model.score_all(wider)[:, 1:], before[:, 1:])

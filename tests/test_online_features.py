@@ -51,7 +51,8 @@ def test_every_digital_music_test_user_gets_the_offline_features(
         max_short=config["max_short"],
     )
     assert online.height == test.height
-    for column in ("long_items", "short_items", "user_category", "ref_time", "history_end"):
+    columns = ("long_items", "long_time", "short_items", "short_time", "user_category")
+    for column in (*columns, "ref_time", "history_end"):
         assert online[column].to_list() == test[column].to_list(), column
     assert online["long_tau"].explode().to_numpy() == pytest.approx(
         test["long_tau"].explode().to_numpy()
@@ -120,7 +121,9 @@ def test_gap_sessions_online_equal_offline_for_every_held_out_example(tmp_path: 
             )
             assert online.long_items == row["long_items"]
             assert online.long_tau == pytest.approx(row["long_tau"])
+            assert online.long_time == row["long_time"]
             assert online.short_items == row["short_items"]
+            assert online.short_time == row["short_time"]
             assert online.user_category == row["user_category"]
             assert online.ref_time == row["ref_time"]
 

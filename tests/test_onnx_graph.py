@@ -13,7 +13,7 @@ import torch
 from tlsan.config import ModelConfig
 from tlsan.data import Batch, VocabSizes
 from tlsan.errors import GraphError
-from tlsan.model import build_model
+from tlsan.models import build_model
 from tlsan.onnx_graph import (
     INPUT_NAMES,
     OnnxUserVectors,

@@ -13,7 +13,7 @@ from tlsan.data import Batch, VocabSizes
 from tlsan.errors import ConfigError
 from tlsan.federated import optimizer_state
 from tlsan.federated.client import global_names
-from tlsan.model import build_model
+from tlsan.models import build_model
 from tlsan.train import make_optimizer
 
 SIZES = VocabSizes(users=6, items=25, categories=4)

@@ -83,6 +83,7 @@ def test_cli_prepare_writes_the_documented_layout(tmp_path: Path, capsys) -> Non
         "vocab/users.parquet",
     ]
     manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["format_version"] == 2
     assert manifest["config"]["max_events_per_user"] == 90
     assert manifest["config"]["session"] == "day"
     assert manifest["inputs"]["interactions"]["sha256"]
@@ -92,12 +93,14 @@ def test_cli_prepare_writes_the_documented_layout(tmp_path: Path, capsys) -> Non
         "user": pl.Int32,
         "long_items": pl.List(pl.Int32),
         "long_tau": pl.List(pl.Float32),
+        "long_time": pl.List(pl.Int64),
         "short_items": pl.List(pl.Int32),
+        "short_time": pl.List(pl.Int64),
         "target": pl.Int32,
+        "target_pos": pl.Int32,
         "user_category": pl.Int32,
         "ref_time": pl.Int64,
         "history_end": pl.Int32,
-        "target_pos": pl.Int32,
     }
     vocab = pl.read_parquet(out / "vocab/items.parquet")
     assert vocab["index"].to_list() == list(range(1, vocab.height + 1))

@@ -57,6 +57,10 @@ def test_not_a_prepared_dataset(tmp_path: Path) -> None:
     with pytest.raises(DataValidationError, match="not valid JSON"):
         load_dataset(tmp_path)
     (tmp_path / "manifest.json").write_text(json.dumps({"vocab_sizes": {"users": 3}}))
+    with pytest.raises(DataValidationError, match="format_version None, expected 2"):
+        load_dataset(tmp_path)
+    manifest = {"format_version": 2, "vocab_sizes": {"users": 3}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataValidationError, match="vocab_sizes"):
         load_dataset(tmp_path)
 

@@ -7,8 +7,10 @@ bad value raises `ConfigError` naming the field. Every run writes `to_dict()` ne
 
 Presets:
 - `paper`: the paper's (and its reference implementation's) hyper-parameters for TLSAN; for the
-  baselines, the hyper-parameters of their own papers (SASRec: Adam 1e-3, 2 blocks, dropout 0.2).
-- `default`: what trains better *and* faster on this machine (see `default_config`).
+  baselines, the hyper-parameters of their own papers (SASRec: Adam 1e-3, 2 blocks, one sampled
+  negative per position; TiSASRec: the same plus the time-interval clip k = 256).
+- `default`: what trains better *and* faster on this machine (see `default_config`); for a
+  catalog over CE_MAX_ITEMS items, the sequence baselines' full softmax becomes `sampled`.
 """
 
 from __future__ import annotations
@@ -22,11 +24,19 @@ from typing import Any, Literal, get_args
 
 from tlsan.errors import ConfigError
 
-ModelKind = Literal["tlsan", "sasrec", "pop"]
+ModelKind = Literal["tlsan", "sasrec", "tisasrec", "pop"]
 OptimizerKind = Literal["sgd", "adam", "adamw"]
 MODEL_KINDS: tuple[str, ...] = get_args(ModelKind)
 OPTIMIZERS: tuple[str, ...] = get_args(OptimizerKind)
-LOSSES: tuple[str, ...] = ("bce", "softmax")
+LOSSES: tuple[str, ...] = ("bce", "softmax", "sampled", "ce")  # see tlsan/scoring.py
+SEQUENCE_KINDS: tuple[str, ...] = ("sasrec", "tisasrec")  # trained on every sequence position
+# Catalogs up to this many items train the sequence baselines with the full softmax (`ce`) by
+# default, larger ones with `sampled` (256 shared negatives). A step's logits take (scored
+# positions x N x 4 bytes), about three times over in the backward pass: a full 128 x 50 batch at
+# 32k items is ~2.5 GB, and the output layer then costs ~20x the two-block encoder per position
+# (N * D against ~12 * D^2 * blocks at D 64).
+CE_MAX_ITEMS = 32_768
+SAMPLED_NEGATIVES = 256
 PRESETS: tuple[str, ...] = ("paper", "default")
 PROTOCOLS: tuple[str, ...] = ("leak-free", "reference")
 METRIC_PATTERN = re.compile(r"^(?:(?:hr|ndcg)@[1-9]\d*|mrr|auc|paper_auc)$")
@@ -73,21 +83,22 @@ def _check_choice(owner: str, name: str, value: str, choices: tuple[str, ...]) -
 class ModelConfig:
     """Architecture of one model kind; fields unused by a kind are kept (and ignored)."""
 
-    kind: str = "tlsan"  # tlsan | sasrec | pop
+    kind: str = "tlsan"  # tlsan | sasrec | tisasrec | pop
     d_item: int = 32  # item (and user) embedding size
     d_cat: int = 32  # category embedding size; vectors are d_item + d_cat wide
     heads: int = 8  # attention heads (must divide d_item + d_cat)
     long_window: int = 10  # Ls: TLSAN sees the last Ls long-term events
     dropout: float = 0.0
-    blocks: int = 2  # SASRec self-attention blocks (TLSAN always has the paper's one block)
-    max_len: int = 50  # SASRec: last max_len items of [long ; short]
+    blocks: int = 2  # (Ti)SASRec self-attention blocks (TLSAN always has the paper's one block)
+    max_len: int = 50  # (Ti)SASRec: last max_len items of [long ; short]
+    time_span: int = 256  # TiSASRec: intervals clip at k personal units (its paper's code: 256)
     pop_half_life_days: float = 3650.0  # pop: an event's weight halves every this many days
 
     def __post_init__(self) -> None:
         owner = "model"
         _validate_types(self, owner)
         _check_choice(owner, "kind", self.kind, MODEL_KINDS)
-        for name in ("d_item", "d_cat", "heads", "long_window", "blocks", "max_len"):
+        for name in ("d_item", "d_cat", "heads", "long_window", "blocks", "max_len", "time_span"):
             _check_range(owner, name, getattr(self, name), 1, None)
         _check_range(owner, "dropout", self.dropout, 0.0, 0.95)
         if self.pop_half_life_days <= 0:
@@ -114,9 +125,9 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0  # the optimizer's weight decay (decoupled for adamw)
     l2: float = 0.0  # l2 * sum(w**2) / 2 over embedding tables and P, added to the loss (paper)
-    batch_size: int = 256  # positives per step
-    negatives: int = 1  # sampled negatives per positive, outside the user's history
-    loss: str = "bce"  # bce (the paper) | softmax (sampled softmax over target + negatives)
+    batch_size: int = 256  # examples per step ((Ti)SASRec: sequence windows per step)
+    negatives: int = 1  # bce/softmax: per target, outside the history; sampled: shared per batch
+    loss: str = "bce"  # bce (the paper) | softmax | sampled | ce (see tlsan/scoring.py)
     session_fold: float = 0.0  # share of training examples whose session moves to long-term
     clip: float = 5.0  # global gradient-norm clip, 0 = off
     epochs: int = 20
@@ -128,6 +139,7 @@ class TrainConfig:
     # "reference": the paper's published protocol (a `--protocol reference` dataset, test AUC
     # every 1,000 steps, the best reported): leaky, for reproducing the paper's figure only
     protocol: str = "leak-free"
+    include_history: bool = False  # validation and test rank history items too (RecBole's way)
 
     def __post_init__(self) -> None:
         owner = "train"
@@ -213,7 +225,8 @@ TRAIN_FIELDS: frozenset[str] = frozenset(f.name for f in fields(TrainConfig) if 
 # -- presets -----------------------------------------------------------------------------------
 def paper_config(model: str = "tlsan") -> TrainConfig:
     """The paper's hyper-parameters (TLSAN reference code: SGD lr 1.0, batches of 32 rows,
-    clip 5, L2 5e-5 on the embedding tables and P, 20 epochs, one negative per positive).
+    clip 5, L2 5e-5 on the embedding tables and P, 20 epochs, one negative per positive); for
+    the baselines, their own papers' (one sampled negative per sequence position, BCE).
 
     The reference trains on (positive, label 1) and (negative, label 0) rows shuffled into
     batches of 32 rows, so a step sees 16 positives and 16 negatives on average and an epoch
@@ -225,6 +238,19 @@ def paper_config(model: str = "tlsan") -> TrainConfig:
             model=ModelConfig(kind="sasrec", d_item=32, d_cat=32, heads=1, blocks=2, dropout=0.5),
             optimizer="adam",
             lr=1e-3,
+            batch_size=128,
+            negatives=1,
+            clip=0.0,
+            epochs=20,
+        )
+    if model == "tisasrec":  # Li, Wang & McAuley 2020, the defaults of their code
+        return TrainConfig(
+            model=ModelConfig(
+                kind="tisasrec", d_item=32, d_cat=32, heads=1, blocks=2, dropout=0.2, time_span=256
+            ),
+            optimizer="adam",
+            lr=1e-3,
+            l2=5e-5,
             batch_size=128,
             negatives=1,
             clip=0.0,
@@ -244,26 +270,29 @@ def paper_config(model: str = "tlsan") -> TrainConfig:
     )
 
 
-def default_config(model: str = "tlsan") -> TrainConfig:
-    """Better and faster here than `paper`, chosen on Digital_Music's validation split (figures
-    in the issue note): Adam, large batches, 32 sampled negatives per positive with a
-    sampled-softmax loss, early stopping on validation NDCG@10. TLSAN gains from wide item
-    and user embeddings (d_item 256); SASRec does not (D 160 validated worse than 64), so each
-    keeps the capacity that validated best, with the same kind of training recipe."""
+def default_config(model: str = "tlsan", n_items: int | None = None) -> TrainConfig:
+    """Better and faster here than `paper`, chosen on Digital_Music's validation split.
+
+    TLSAN (figures in the issue note): Adam, large batches, 32 sampled negatives per positive
+    with a sampled-softmax loss, wide item and user embeddings (d_item 256), early stopping on
+    validation NDCG@10. SASRec and TiSASRec train on every position of the user's sequence with
+    the full softmax (`ce`) when the catalog has at most CE_MAX_ITEMS items (`n_items`; None =
+    assume it does), else with `sampled` over SAMPLED_NEGATIVES shared negatives."""
     _check_choice("config", "model", model, MODEL_KINDS)
-    if model == "sasrec":
+    if model in SEQUENCE_KINDS:
+        large = n_items is not None and n_items > CE_MAX_ITEMS
         return TrainConfig(
             model=ModelConfig(
-                kind="sasrec", d_item=32, d_cat=32, heads=2, blocks=2, dropout=0.3, max_len=50
+                kind=model, d_item=32, d_cat=32, heads=2, blocks=2, dropout=0.3, max_len=50
             ),
             optimizer="adam",
-            lr=2e-3,
-            batch_size=256,
-            negatives=32,
-            loss="softmax",
+            lr=3e-3,
+            batch_size=128,
+            negatives=SAMPLED_NEGATIVES if large else 1,
+            loss="sampled" if large else "ce",
             clip=5.0,
-            epochs=40,
-            patience=4,
+            epochs=200,
+            patience=10,
         )
     return TrainConfig(
         model=ModelConfig(kind=model, d_item=256, d_cat=32, heads=8, long_window=10, dropout=0.0),
@@ -278,10 +307,11 @@ def default_config(model: str = "tlsan") -> TrainConfig:
     )
 
 
-def preset(name: str, model: str = "tlsan") -> TrainConfig:
-    """`paper` or `default` for one model kind."""
+def preset(name: str, model: str = "tlsan", n_items: int | None = None) -> TrainConfig:
+    """`paper` or `default` for one model kind (`n_items`: the catalog size, see
+    `default_config`)."""
     _check_choice("config", "preset", name, PRESETS)
-    return paper_config(model) if name == "paper" else default_config(model)
+    return paper_config(model) if name == "paper" else default_config(model, n_items)
 
 
 # -- files -------------------------------------------------------------------------------------

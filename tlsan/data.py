@@ -6,9 +6,9 @@ per-user index of the event log (`UserHistory`: sorted `user * n_items + item` k
 position of their first event, O(events) memory whatever the split), and a batch is a row gather
 plus vectorised negative sampling with rejection against that index.
 
-Layout of the padded arrays: `long_items`/`long_tau` and `short_items` are **right-aligned**
-(the most recent event in the last column, padding 0 on the left), so "the last Ls long-term
-events" is the slice `[:, -Ls:]`.
+Layout of the padded arrays: `long_items`/`long_tau`/`long_time` and `short_items`/`short_time`
+are **right-aligned** (the most recent event in the last column, padding 0 on the left), so "the
+last Ls long-term events" is the slice `[:, -Ls:]`.
 """
 
 from __future__ import annotations
@@ -25,14 +25,18 @@ import torch
 from torch import Tensor
 
 from pipelines.errors import DataValidationError
+from pipelines.prepare import FORMAT_VERSION
 
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
 EXAMPLE_SCHEMA: dict[str, Any] = {
     "user": pl.Int32,
     "long_items": pl.List(pl.Int32),
     "long_tau": pl.List(pl.Float32),
+    "long_time": pl.List(pl.Int64),
     "short_items": pl.List(pl.Int32),
+    "short_time": pl.List(pl.Int64),
     "target": pl.Int32,
+    "target_pos": pl.Int32,
     "user_category": pl.Int32,
     "ref_time": pl.Int64,
     "history_end": pl.Int32,
@@ -60,8 +64,14 @@ class VocabSizes:
 class Batch:
     """Model input for B examples (all tensors on the CPU, int64 indices, 0 = padding).
 
-    `target` is 0 where unknown (serving); `negatives` is set for training batches only.
-    User index 0 means "unknown user": models use neutral personal parameters for it.
+    `target` is 0 where unknown (serving); negatives are set for training batches only, as
+    the loss needs them (tlsan/scoring.py). User index 0 means "unknown user": models use
+    neutral personal parameters for it. The timestamps are None where the source had none.
+
+    A sequence-window batch (tlsan/sequences.py, all-position training of (Ti)SASRec) holds a
+    window of the user's events in `long_items`/`long_time` (empty session) and in
+    `next_items` the item each position must predict, 0 where that position adds no loss;
+    its per-row `negatives` are then (B, L, K), one row per position.
     """
 
     user: Tensor  # (B,)
@@ -70,7 +80,11 @@ class Batch:
     short_items: Tensor  # (B, S) right-aligned
     user_category: Tensor  # (B,)
     target: Tensor  # (B,)
-    negatives: Tensor | None = None  # (B, K)
+    negatives: Tensor | None = None  # (B, K) outside each user's history (bce, softmax)
+    long_time: Tensor | None = None  # (B, L) int64 unix seconds, 0 at padding
+    short_time: Tensor | None = None  # (B, S) int64 unix seconds, 0 at padding
+    next_items: Tensor | None = None  # (B, L) sequence windows only, aligned with long_items
+    shared_negatives: Tensor | None = None  # (K,) uniform over the catalog (sampled)
 
     def __len__(self) -> int:
         return int(self.user.shape[0])
@@ -91,11 +105,17 @@ def fold_sessions(batch: Batch, rows: Tensor, tau: float = 1.0) -> Batch:
     items = torch.cat([batch.long_items, short], 1)  # padding in the middle
     taus = torch.cat([batch.long_tau, (short > 0).to(batch.long_tau.dtype) * tau], 1)
     order = torch.sort((items > 0).to(torch.int8), dim=1, stable=True).indices
+    times: dict[str, Tensor | None] = {}
+    if batch.long_time is not None and batch.short_time is not None:
+        moved = torch.cat([batch.long_time, batch.short_time * rows.unsqueeze(1)], 1)
+        times["long_time"] = moved.gather(1, order)[:, -L:]
+        times["short_time"] = batch.short_time * ~rows.unsqueeze(1)
     return replace(
         batch,
         long_items=items.gather(1, order)[:, -L:],
         long_tau=taus.gather(1, order)[:, -L:],
         short_items=batch.short_items * ~rows.unsqueeze(1),
+        **times,
     )
 
 
@@ -134,7 +154,10 @@ def _list_column(frame: pl.DataFrame, name: str, dtype: Any) -> tuple[np.ndarray
 
 @dataclass
 class ExampleArrays:
-    """The padded tensors of a frame of examples (a split, or serving's features)."""
+    """The padded tensors of a frame of examples (a split, or serving's features).
+
+    `target_pos` is the target event's `pos` in events.parquet (0 where unknown); the
+    timestamps are None where the source had none (serving's ONNX-era inputs)."""
 
     user: Tensor
     long_items: Tensor
@@ -144,9 +167,18 @@ class ExampleArrays:
     target: Tensor
     history_end: Tensor
     ref_time: Tensor
+    long_time: Tensor | None = None
+    short_time: Tensor | None = None
+    target_pos: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.user.shape[0])
+
+    def take(self, rows: Tensor) -> ExampleArrays:
+        """The examples at `rows` (every tensor field indexed alike)."""
+        return ExampleArrays(
+            **{f.name: _rows(getattr(self, f.name), rows) for f in fields(ExampleArrays)}
+        )
 
     def batch(self, rows: Tensor | None = None, negatives: Tensor | None = None) -> Batch:
         """The examples at `rows` (all when None) as a model batch."""
@@ -159,6 +191,8 @@ class ExampleArrays:
                 self.user_category,
                 self.target,
                 negatives,
+                long_time=self.long_time,
+                short_time=self.short_time,
             )
         return Batch(
             self.user[rows],
@@ -168,7 +202,13 @@ class ExampleArrays:
             self.user_category[rows],
             self.target[rows],
             negatives,
+            long_time=_rows(self.long_time, rows),
+            short_time=_rows(self.short_time, rows),
         )
+
+
+def _rows(values: Tensor | None, rows: Tensor) -> Tensor | None:
+    return None if values is None else values[rows]
 
 
 def arrays_from_frame(
@@ -176,14 +216,23 @@ def arrays_from_frame(
 ) -> ExampleArrays:
     """Padded tensors from example rows (columns of docs/dataset-format.md).
 
-    `target`, `history_end` and `ref_time` may be missing (serving features): they become 0.
-    Widths default to the longest list in the frame.
+    `target`, `target_pos`, `history_end` and `ref_time` may be missing (serving features):
+    they become 0; `long_time`/`short_time` may be missing: they become None. Widths default
+    to the longest list in the frame.
     """
     long_values, long_len = _list_column(frame, "long_items", np.int64)
     tau_values, tau_len = _list_column(frame, "long_tau", np.float32)
     if not np.array_equal(long_len, tau_len):
         raise DataValidationError("long_tau: expected one value per long_items entry")
     short_values, short_len = _list_column(frame, "short_items", np.int64)
+    times: dict[str, np.ndarray] = {}
+    for name, lengths in (("long_time", long_len), ("short_time", short_len)):
+        if name in frame.columns:
+            values, time_len = _list_column(frame, name, np.int64)
+            if not np.array_equal(lengths, time_len):
+                items = name.replace("time", "items")
+                raise DataValidationError(f"{name}: expected one value per {items} entry")
+            times[name] = values
 
     def scalar(name: str) -> np.ndarray | None:
         if name not in frame.columns:
@@ -201,9 +250,11 @@ def arrays_from_frame(
         target=scalar("target"),
         history_end=scalar("history_end"),
         ref_time=scalar("ref_time"),
+        target_pos=scalar("target_pos"),
         max_long=max_long,
         max_short=max_short,
         rows=frame.height,
+        **times,
     )
 
 
@@ -220,12 +271,16 @@ def padded_arrays(
     target: np.ndarray | None = None,
     history_end: np.ndarray | None = None,
     ref_time: np.ndarray | None = None,
+    target_pos: np.ndarray | None = None,
+    long_time: np.ndarray | None = None,
+    short_time: np.ndarray | None = None,
     max_long: int | None = None,
     max_short: int | None = None,
 ) -> ExampleArrays:
     """Padded tensors from flat list values and per-row lengths: the one padding step of
     training, evaluation and serving (which hands its feature arrays over without a frame).
-    Missing scalar columns become 0; widths default to the longest list."""
+    Missing scalar columns become 0, missing timestamps None; widths default to the longest
+    list."""
     width_long = max_long or int(long_lengths.max(initial=0))
     width_short = max_short or int(short_lengths.max(initial=0))
     if long_lengths.max(initial=0) > width_long or short_lengths.max(initial=0) > width_short:
@@ -238,6 +293,11 @@ def padded_arrays(
             return torch.zeros(rows, dtype=torch.int64)
         return torch.from_numpy(np.asarray(values).astype(np.int64))
 
+    def padded(values: np.ndarray | None, lengths: np.ndarray, width: int) -> Tensor | None:
+        if values is None:
+            return None
+        return torch.from_numpy(_padded(values, lengths, width, np.int64))
+
     return ExampleArrays(
         user=scalar(user),
         long_items=torch.from_numpy(_padded(long_items, long_lengths, width_long, np.int64)),
@@ -247,6 +307,9 @@ def padded_arrays(
         target=scalar(target),
         history_end=scalar(history_end),
         ref_time=scalar(ref_time),
+        long_time=padded(long_time, long_lengths, width_long),
+        short_time=padded(short_time, short_lengths, width_short),
+        target_pos=scalar(target_pos),
     )
 
 
@@ -264,10 +327,16 @@ class UserHistory:
     pair_keys: Tensor  # (n_pairs,) sorted
     first_pos: Tensor  # (n_pairs,)
     n_items: int
+    times: Tensor | None = None  # (n_events,) int64 unix seconds of every event
 
     @classmethod
     def from_events(
-        cls, users: np.ndarray, items: np.ndarray, n_users: int, n_items: int
+        cls,
+        users: np.ndarray,
+        items: np.ndarray,
+        n_users: int,
+        n_items: int,
+        times: np.ndarray | None = None,
     ) -> UserHistory:
         """From event columns sorted by user and pos (as events.parquet is)."""
         user_start = np.searchsorted(users, np.arange(n_users + 1)).astype(np.int64)
@@ -279,6 +348,7 @@ class UserHistory:
             torch.from_numpy(keys.astype(np.int64)),
             torch.from_numpy(pos[first]),
             n_items,
+            None if times is None else torch.from_numpy(times.astype(np.int64)),
         )
 
     def seen_before(self, users: Tensor, items: Tensor, ends: Tensor) -> Tensor:
@@ -450,7 +520,7 @@ class Dataset:
         """A split restricted to `rows` (unique; e.g. one federated client's examples)."""
         full = self.split(split)
         rows = rows.to(torch.int64)
-        arrays = ExampleArrays(*(getattr(full.arrays, f.name)[rows] for f in fields(ExampleArrays)))
+        arrays = full.arrays.take(rows)
         fixed = None if full.fixed_negatives is None else full.fixed_negatives[rows]
         if full.history is not None:
             return replace(full, arrays=arrays, fixed_negatives=fixed)
@@ -472,12 +542,15 @@ def concat_splits(name: str, parts: list[Split]) -> Split:
         raise ValueError("concat_splits needs at least one split")
     n_items = parts[0].n_items
     widths = {
-        key: max(getattr(p.arrays, key).shape[1] for p in parts)
-        for key in ("long_items", "long_tau", "short_items")
+        key: max(getattr(p.arrays, key.replace("time", "items")).shape[1] for p in parts)
+        for key in ("long_items", "long_tau", "short_items", "long_time", "short_time")
     }
-    columns: dict[str, Tensor] = {}
+    columns: dict[str, Tensor | None] = {}
     for f in fields(ExampleArrays):
         values = [getattr(p.arrays, f.name) for p in parts]
+        if any(v is None for v in values):  # a part without timestamps: none in the result
+            columns[f.name] = None
+            continue
         if f.name in widths:
             values = [_pad_left(v, widths[f.name]) for v in values]
         columns[f.name] = torch.cat(values)
@@ -504,7 +577,14 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except ValueError as exc:
         raise DataValidationError(f"{manifest_path}: not valid JSON ({exc})") from exc
-    sizes = manifest.get("vocab_sizes") if isinstance(manifest, dict) else None
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version != FORMAT_VERSION:
+        raise DataValidationError(
+            f"{manifest_path}: dataset format_version {version!r}, expected {FORMAT_VERSION} "
+            "(examples now carry long_time, short_time and target_pos); re-run `tlsan prepare` "
+            "to rebuild it"
+        )
+    sizes = manifest.get("vocab_sizes")
     if not isinstance(sizes, dict) or not {"users", "items", "categories"} <= set(sizes):
         raise DataValidationError(
             f"{manifest_path}: expected 'vocab_sizes' with users, items and categories"
@@ -555,7 +635,7 @@ def load_dataset(path: Path, splits: tuple[str, ...] = SPLITS) -> Dataset:
     events = _read_parquet(
         path / "events.parquet",
         "the event log",
-        {"user": pl.Int32, "item": pl.Int32, "pos": pl.Int32},
+        {"user": pl.Int32, "item": pl.Int32, "pos": pl.Int32, "timestamp": pl.Int64},
     )
     ev_user = events.get_column("user").to_numpy().astype(np.int64)
     ev_pos = events.get_column("pos").to_numpy()
@@ -569,7 +649,13 @@ def load_dataset(path: Path, splits: tuple[str, ...] = SPLITS) -> Dataset:
             f"{path / 'events.parquet'}: expected 'pos' to count 0, 1, ... within each user"
         )
     user_items = events.get_column("item").to_numpy().astype(np.int64)
-    history = UserHistory.from_events(ev_user, user_items, sizes.users, sizes.items)
+    history = UserHistory.from_events(
+        ev_user,
+        user_items,
+        sizes.users,
+        sizes.items,
+        events.get_column("timestamp").to_numpy(),
+    )
     max_lengths = manifest.get("max_lengths", {})
     loaded: dict[str, Split] = {}
     for name in splits:
@@ -580,7 +666,7 @@ def load_dataset(path: Path, splits: tuple[str, ...] = SPLITS) -> Dataset:
             max_long=int(max_lengths.get("long", 0)) or None,
             max_short=int(max_lengths.get("short", 0)) or None,
         )
-        _check_ranges(file, arrays, sizes, user_start, ev_user.size)
+        _check_ranges(file, arrays, sizes, user_start, user_items)
         fixed = _fixed_negatives(file, sizes) if manifest.get("leaky") else None
         loaded[name] = Split(name, arrays, None, sizes.items, history, fixed)
     return Dataset(path, manifest, sizes, item_category, loaded)
@@ -601,9 +687,11 @@ def _fixed_negatives(file: Path, sizes: VocabSizes) -> Tensor | None:
 
 
 def _check_ranges(
-    file: Path, arrays: ExampleArrays, sizes: VocabSizes, user_start: np.ndarray, n_events: int
+    file: Path, arrays: ExampleArrays, sizes: VocabSizes, user_start: np.ndarray, items: np.ndarray
 ) -> None:
-    """Indices inside the vocabularies and histories inside the event log."""
+    """Indices inside the vocabularies, histories inside the event log, and every target at
+    its `target_pos` there."""
+    n_events = items.size
     checks = (
         ("user", arrays.user, sizes.users),
         ("target", arrays.target, sizes.items),
@@ -622,4 +710,13 @@ def _check_ranges(
         if np.any(arrays.history_end.numpy() > available) or int(arrays.history_end.min()) < 0:
             raise DataValidationError(
                 f"{file}: column 'history_end' points past the user's events in events.parquet"
+            )
+        assert arrays.target_pos is not None
+        target_pos = arrays.target_pos.numpy()
+        inside = (target_pos >= 0) & (target_pos < available)
+        at = user_start[users] + np.where(inside, target_pos, 0)
+        if not inside.all() or np.any(items[np.minimum(at, n_events - 1)] != arrays.target.numpy()):
+            raise DataValidationError(
+                f"{file}: column 'target_pos' does not point at each example's target in "
+                "events.parquet"
             )

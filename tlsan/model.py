@@ -1,18 +1,11 @@
 """TLSAN (Zhang et al., "TLSAN: Time-aware Long- and Short-term Attention Network for Next-item
-Recommendation", Neurocomputing 2021) in one file, plus the interface every model answers.
+Recommendation", Neurocomputing 2021) in one file.
 
 Shapes: B batch, L long-term window (Ls), S short-term items, C candidates, N items in the
 catalog (row 0 = padding), D = d_item + d_cat, H heads, Dh = D / H.
 
-The interface (TLSAN here; `pop` and `sasrec` in tlsan/baselines.py):
-    loss(batch, kind="bce")         -> scalar Tensor (BCE or sampled softmax over the target
-                                       and the batch's sampled negatives)
-    score_candidates(batch, items)  -> (B, C)
-    score_all(batch)                -> (B, N)      == user_vectors(batch) @ item_vectors().T
-    user_vectors(batch)             -> (B, D + 1)  [u_t ; 1]
-    item_vectors()                  -> (N, D + 1)  [x_i ; b_i]  (row 0 is padding)
-The last column carries the item bias against a constant 1, so serving retrieves the top items
-with one maximum-inner-product search.
+TLSAN answers the interface of tlsan/scoring.py (`VectorModel`): its user state u_t scores
+item i as `<u_t, x_i> + b_i`.
 
 Personal parameters (`E_u[user]`, `P[user]`) versus global ones is the split federated
 fine-tuning uses; user index 0 ("unknown user") is scored with neutral personal parameters (the
@@ -22,7 +15,7 @@ mean user embedding and the mean P over all known users), which is serving's col
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,135 +23,9 @@ from torch import Tensor, nn
 
 from tlsan.config import ModelConfig
 from tlsan.data import Batch, VocabSizes
-from tlsan.errors import ConfigError
+from tlsan.scoring import VectorModel, embedding, linear
 
 NEG_INF = -1e30  # masked attention logits (the reference code's VERY_NEGATIVE_NUMBER)
-
-
-class Recommender(Protocol):
-    """What the trainer, the evaluator, export and serving rely on."""
-
-    trainable: bool
-    vector_dim: int  # D + 1
-
-    def loss(self, batch: Batch, kind: str = "bce") -> Tensor: ...
-    def score_candidates(self, batch: Batch, items: Tensor) -> Tensor: ...
-    def score_all(self, batch: Batch) -> Tensor: ...
-    def user_vectors(self, batch: Batch) -> Tensor: ...
-    def item_vectors(self) -> Tensor: ...
-    def personal_parameter_names(self) -> tuple[str, ...]: ...
-    def l2_parameters(self) -> list[Tensor]: ...
-
-
-def bce_loss(logits: Tensor) -> Tensor:
-    """Binary cross-entropy with the positive in column 0 and negatives after it: (B, 1+K)."""
-    labels = torch.zeros_like(logits)
-    labels[:, 0] = 1.0
-    return F.binary_cross_entropy_with_logits(logits, labels)
-
-
-def softmax_loss(logits: Tensor) -> Tensor:
-    """Sampled softmax: cross-entropy of the positive (column 0) against its negatives."""
-    return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.int64))
-
-
-LOSSES = {"bce": bce_loss, "softmax": softmax_loss}
-
-
-def embedding(rows: int, dim: int) -> nn.Embedding:
-    """Glorot-uniform table with a zero padding row (TensorFlow's default, as in the paper's
-    reference code: the scale matters with SGD at lr 1.0)."""
-    table = nn.Embedding(rows, dim, padding_idx=0)
-    nn.init.xavier_uniform_(table.weight)
-    with torch.no_grad():
-        table.weight[0].zero_()
-    return table
-
-
-def linear(d_in: int, d_out: int) -> nn.Linear:
-    layer = nn.Linear(d_in, d_out)
-    nn.init.xavier_uniform_(layer.weight)
-    nn.init.zeros_(layer.bias)
-    return layer
-
-
-class VectorModel(nn.Module):
-    """Shared scoring for models whose score is `<u_t, x_i> + b_i`.
-
-    Subclasses define `user_state(batch) -> (B, D)` and `item_embed(items) -> (..., D)`.
-    """
-
-    trainable = True
-    personal_names: tuple[str, ...] = ()
-
-    def __init__(self, dim: int, n_items: int, item_category: Tensor) -> None:
-        super().__init__()
-        self.dim = dim
-        self.vector_dim = dim + 1
-        self.b = nn.Parameter(torch.zeros(n_items))  # item bias
-        self.register_buffer("item_category", item_category.to(torch.int64).clone())
-
-    def user_state(self, batch: Batch) -> Tensor:
-        raise NotImplementedError
-
-    def item_embed(self, items: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def score_candidates(self, batch: Batch, items: Tensor) -> Tensor:
-        u = self.user_state(batch)  # (B, D)
-        x = self.item_embed(items)  # (B, C, D)
-        return torch.bmm(x, u.unsqueeze(-1)).squeeze(-1) + self.b[items]  # (B, C)
-
-    def loss(self, batch: Batch, kind: str = "bce") -> Tensor:
-        """`bce` (the paper's) or `softmax` over the target and its sampled negatives."""
-        if batch.negatives is None:
-            raise ValueError("loss() needs a batch with sampled negatives")
-        items = torch.cat([batch.target.unsqueeze(1), batch.negatives], 1)  # (B, 1+K)
-        return LOSSES[kind](self.score_candidates(batch, items))
-
-    def user_vectors(self, batch: Batch) -> Tensor:
-        u = self.user_state(batch)  # (B, D)
-        return torch.cat([u, u.new_ones(u.shape[0], 1)], 1)  # (B, D+1)
-
-    def item_vectors(self) -> Tensor:
-        items = torch.arange(self.b.shape[0], device=self.b.device)
-        return torch.cat([self.item_embed(items), self.b.unsqueeze(1)], 1)  # (N, D+1)
-
-    def score_all(self, batch: Batch) -> Tensor:
-        return self.user_vectors(batch) @ self.item_vectors().T  # (B, N)
-
-    # -- personal versus global parameters (federated fine-tuning) ------------------------------
-    def personal_parameter_names(self) -> tuple[str, ...]:
-        """state_dict names of the per-user tables (row = user index)."""
-        return self.personal_names
-
-    def global_state_dict(self) -> dict[str, Tensor]:
-        """Everything but the personal tables (what a federated server may see)."""
-        personal = set(self.personal_names)
-        return {k: v for k, v in self.state_dict().items() if k not in personal}
-
-    def get_personal(self, users: Tensor) -> dict[str, Tensor]:
-        """Copies of the personal rows of `users`."""
-        state = self.state_dict()
-        return {name: state[name][users].clone() for name in self.personal_names}
-
-    @torch.no_grad()
-    def set_personal(self, users: Tensor, values: dict[str, Tensor]) -> None:
-        """Write personal rows of `users` (shapes as returned by `get_personal`)."""
-        self.__dict__.pop("_frozen", None)  # a frozen model's tables would go stale
-        state = self.state_dict(keep_vars=True)
-        for name in self.personal_names:
-            state[name].data[users] = values[name].to(state[name].dtype)
-
-    @torch.no_grad()
-    def neutral_personal(self) -> dict[str, Tensor]:
-        """Mean personal row over all known users (index 1..): the cold-start parameters."""
-        state = self.state_dict()
-        return {name: state[name][1:].mean(0) for name in self.personal_names}
-
-    def l2_parameters(self) -> list[Tensor]:
-        """Tensors the paper's L2 term covers (embedding tables and P)."""
-        return []
 
 
 class FeatureWiseAttention(nn.Module):
@@ -309,24 +176,3 @@ class TLSAN(VectorModel):
 
     def l2_parameters(self) -> list[Tensor]:
         return [self.E_i.weight, self.E_c.weight, self.E_u.weight, self.P]
-
-
-def build_model(
-    config: ModelConfig, sizes: VocabSizes, item_category: Tensor
-) -> VectorModel | nn.Module:
-    """A freshly initialised model of `config.kind` (call `torch.manual_seed` first for
-    reproducible weights). `pop` starts with zero scores: fit it with `Pop.fit(dataset)`."""
-    from tlsan.baselines import Pop, SASRec
-
-    if item_category.shape[0] != sizes.items:
-        raise ConfigError(
-            f"item_category has {item_category.shape[0]} rows, expected vocab_sizes.items = "
-            f"{sizes.items}"
-        )
-    if config.kind == "tlsan":
-        return TLSAN(config, sizes, item_category)
-    if config.kind == "sasrec":
-        return SASRec(config, sizes, item_category)
-    if config.kind == "pop":
-        return Pop(config, sizes, item_category)
-    raise ConfigError(f"model.kind: expected tlsan, sasrec or pop, got {config.kind!r}")

@@ -167,7 +167,7 @@ class LoadedRun:
 
 def model_from_weights(info: RunInfo, weights: dict[str, Tensor], source: Path) -> nn.Module:
     """Build the model of `info` and load `weights` into it, with clear errors on mismatch."""
-    from tlsan.model import build_model
+    from tlsan.models import build_model
 
     if "item_category" not in weights:
         raise RunError(f"{source}: no 'item_category' tensor; not a tlsan model file")

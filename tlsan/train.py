@@ -46,6 +46,7 @@ from tlsan.run_dir import (
     write_json,
     write_tensors,
 )
+from tlsan.sequences import training_batches
 from tlsan.tracking import Tracker, TrackingOptions
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -97,7 +98,7 @@ def new_model(
 ) -> nn.Module:
     """A model for `dataset`: seeded initial weights; `pop` is fitted on the train split."""
     from tlsan.baselines import Pop
-    from tlsan.model import build_model
+    from tlsan.models import build_model
 
     model_config = config.model if isinstance(config, TrainConfig) else config
     if seed is None and isinstance(config, TrainConfig):
@@ -138,23 +139,19 @@ def train_epoch(
 ) -> EpochStats:
     """One shuffled pass over `rows` of `split` (all rows by default).
 
-    Loss = `config.loss` (BCE or sampled softmax) over each positive and its
-    `config.negatives` sampled negatives, plus
+    Loss = `config.loss` (tlsan/scoring.py) over the batches of `training_batches` (each
+    example's target, or every position of (Ti)SASRec's sequence windows), plus
     `config.l2 * sum(w**2) / 2` over the model's `l2_parameters()` (the paper's L2).
     `on_step()` runs after every optimizer step (the reference protocol's evaluations).
     """
     model.train()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     l2_params = model.l2_parameters() if config.l2 > 0 else []
-    n_rows = len(split) if rows is None else int(rows.numel())
-    steps = math.ceil(n_rows / config.batch_size)
     total = torch.zeros((), dtype=torch.float64)
     start = time.perf_counter()
+    steps, batches = training_batches(model, split, config, generator, rows)
     bar = tqdm(total=steps, desc=desc, unit="step", leave=False, disable=not progress)
     seen = 0
-    batches = split.batches(
-        config.batch_size, negatives=config.negatives, generator=generator, rows=rows
-    )
     for step, batch in enumerate(batches, 1):
         if config.session_fold > 0:
             fold = torch.rand(len(batch), generator=generator) < config.session_fold
@@ -330,6 +327,7 @@ def fit(
             lambda: evaluate_split(
                 distributed.cpu_model(ctx, model), dataset, split,
                 ks=ks if split == "valid" else DEFAULT_KS, batch_size=config.eval_batch_size,
+                include_history=config.include_history,
             ),
         )  # fmt: skip
 

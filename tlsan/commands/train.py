@@ -22,16 +22,21 @@ HYPER_FLAGS: dict[str, tuple[type, str]] = {
     "heads": (int, "attention heads; must divide d_item + d_cat (paper 8)"),
     "long_window": (int, "Ls: long-term events TLSAN attends to (paper 10)"),
     "dropout": (float, "dropout probability"),
-    "blocks": (int, "SASRec: self-attention blocks"),
-    "max_len": (int, "SASRec: most recent items of [long ; short] it reads"),
+    "blocks": (int, "(Ti)SASRec: self-attention blocks"),
+    "max_len": (int, "(Ti)SASRec: most recent items of [long ; short] it reads"),
+    "time_span": (int, "TiSASRec: time intervals clip at this many personal units (k)"),
     "pop_half_life_days": (float, "pop: popularity half-life in days"),
     "optimizer": (str, "sgd | adam | adamw"),
     "lr": (float, "learning rate"),
     "weight_decay": (float, "optimizer weight decay (decoupled for adamw)"),
     "l2": (float, "L2 on embedding tables and P added to the loss (paper 5e-5)"),
-    "batch_size": (int, "positives per step"),
-    "negatives": (int, "sampled negatives per positive"),
-    "loss": (str, "bce (the paper) | softmax (sampled softmax over target and negatives)"),
+    "batch_size": (int, "examples per step ((Ti)SASRec: sequence windows per step)"),
+    "negatives": (int, "bce/softmax: negatives per target outside the history; sampled: per batch"),
+    "loss": (
+        str,
+        "bce (the paper) | softmax (sampled, negatives outside the history) | sampled "
+        "(shared negatives, history included) | ce (full softmax over the catalog)",
+    ),
     "session_fold": (float, "share of training sessions moved to long-term history (0-1)"),
     "clip": (float, "gradient-norm clip, 0 = off"),
     "epochs": (int, "maximum epochs"),
@@ -46,13 +51,13 @@ HYPER_FLAGS: dict[str, tuple[type, str]] = {
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
-        help="train TLSAN (or the pop / sasrec baselines) on a prepared dataset",
+        help="train TLSAN (or the pop / sasrec / tisasrec baselines) on a prepared dataset",
         description="Train on DATA's train split, choose the checkpoint on valid, evaluate test "
         "once, and write RUN_DIR (model.safetensors, config.json, metrics.json, curves.png).",
     )
     p.add_argument("--data", type=Path, required=True, help="prepared dataset dir")
     p.add_argument("--out", type=Path, required=True, help="run dir to write")
-    p.add_argument("--model", choices=["tlsan", "sasrec", "pop"], help="default: tlsan")
+    p.add_argument("--model", help="tlsan (default) | sasrec | tisasrec | pop")
     p.add_argument("--preset", choices=["paper", "default"], default="default")
     p.add_argument("--config", type=Path, help="JSON/YAML file with config fields")
     p.add_argument("--resume", action="store_true", help="continue RUN_DIR's checkpoint")
@@ -79,6 +84,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     hyper = p.add_argument_group("hyper-parameters (override the preset and --config)")
     for name, (kind, text) in HYPER_FLAGS.items():
         hyper.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, help=text)
+    hyper.add_argument(
+        "--include-history",
+        dest="include_history",
+        action="store_const",
+        const=True,
+        help="validation (which picks the checkpoint) and test rank history items too, as "
+        "RecBole does (default: history excluded)",
+    )
     p.set_defaults(func=run)
 
 
@@ -88,15 +101,27 @@ def resolve_config(args: argparse.Namespace) -> Any:
 
     file_values: dict[str, Any] = read_config_file(args.config) if args.config else {}
     kind = args.model or _kind_of(file_values) or "tlsan"
-    config = preset(args.preset, kind)
+    config = preset(args.preset, kind, catalog_size(args.data))
     if file_values:
         config = TrainConfig.from_dict(file_values, base=config)
-    flags = {name: getattr(args, name) for name in HYPER_FLAGS if getattr(args, name) is not None}
+    names = (*HYPER_FLAGS, "include_history")
+    flags = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.model:
         flags["model"] = args.model
     if args.protocol:
         flags["protocol"] = args.protocol
     return config.override(**flags)
+
+
+def catalog_size(data: Path) -> int | None:
+    """Rows of the item table of the prepared dataset at `data` (None if its manifest cannot
+    be read: loading the dataset reports that properly)."""
+    import json
+
+    try:
+        return int(json.loads((data / "manifest.json").read_text())["vocab_sizes"]["items"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _kind_of(values: dict[str, Any]) -> str | None:
