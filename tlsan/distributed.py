@@ -364,6 +364,18 @@ class ShardedSplit:
     def __len__(self) -> int:
         return len(self.split)
 
+    @property
+    def n_items(self) -> int:
+        return self.split.n_items
+
+    def share(self, chunk: Tensor) -> Tensor:
+        """This rank's rows of one global batch (sequence windows use it too)."""
+        return shard_rows(chunk, self.rank, self.world_size)
+
+    def negative_generator(self) -> torch.Generator:
+        """This rank's own generator for the negatives of an epoch."""
+        return torch.Generator().manual_seed(self.negatives_seed)
+
     def batches(
         self,
         batch_size: int,
@@ -377,9 +389,9 @@ class ShardedSplit:
         rows = torch.arange(len(self.split)) if rows is None else rows.to(torch.int64)
         if shuffle:
             rows = rows[torch.randperm(rows.numel(), generator=generator)]
-        own = torch.Generator().manual_seed(self.negatives_seed)
+        own = self.negative_generator()
         for chunk in rows.split(batch_size):
-            mine = shard_rows(chunk, self.rank, self.world_size)
+            mine = self.share(chunk)
             neg = self.split.sample_negatives(mine, negatives, own) if negatives else None
             yield self.split.arrays.batch(mine, neg)
 

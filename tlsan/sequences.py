@@ -170,13 +170,21 @@ def training_batches(
     else per-example batches; each with the negatives `config.loss` needs."""
     kind, count = config.loss, config.negatives
     if getattr(model, "sequence_training", False):
-        windows = sequence_windows(split, config.model.max_len, rows)
+        # under torchrun `split` is one rank's view (tlsan.distributed.ShardedSplit): the same
+        # global order of windows on every rank, each taking its share of every global batch
+        base: Split = getattr(split, "split", split)
+        share = getattr(split, "share", None)
+        windows = sequence_windows(base, config.model.max_len, rows)
         order = torch.randperm(len(windows), generator=generator)
         chunks = order.split(config.batch_size)
+        own = split.negative_generator() if share is not None else generator  # type: ignore[attr-defined]
         return len(chunks), (
-            window_batch(split, windows, chunk, kind=kind, negatives=count, generator=generator)
+            window_batch(
+                base, windows, share(chunk) if share is not None else chunk,
+                kind=kind, negatives=count, generator=own,
+            )
             for chunk in chunks
-        )
+        )  # fmt: skip
     n_rows = len(split) if rows is None else int(rows.numel())
     steps = -(-n_rows // config.batch_size)
     per_row = count if kind in PER_ROW_NEGATIVES else 0
