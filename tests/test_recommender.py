@@ -18,6 +18,7 @@ from feature_store import Event, OnlineStore, open_store
 from serving.batching import MicroBatcher
 from serving.errors import RequestError
 from serving.recommender import Query, Recommendation, Recommender
+from serving.schemas import RecommendResponse
 from tlsan.bundle import Bundle, load_bundle, write_bundle
 from tlsan.cli import main
 from tlsan.config import preset
@@ -230,6 +231,9 @@ def test_every_model_kind_serves_the_offline_evaluators_ranking(
         alone = [rec.recommend_batch([queries[i]])[0] for i in range(0, 1_659, 97)]
     assert len(answers) == 1_659
     assert_served_as_offline(answers, expected, rec.item_index)
+    for answer in answers:  # every answer, explanations included, fits the HTTP contract
+        assert not isinstance(answer, RequestError)
+        RecommendResponse.model_validate(answer.to_json())
     for one, row in zip(alone, range(0, 1_659, 97), strict=True):  # alone: the same answer
         assert [(i, c) for i, _, c in one.items] == [(i, c) for i, _, c in answers[row].items]
         assert [s for _, s, _ in one.items] == pytest.approx(

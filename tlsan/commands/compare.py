@@ -114,22 +114,30 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     runs = Table(title=f"{args.metric}: validation chooses, {args.split} is reported")
     for column in ("run", "model", "recipe", "valid", args.split, ""):
-        runs.add_column(column, justify="right" if column in ("valid", args.split) else "left")
+        justify = "right" if column in ("valid", args.split) else "left"
+        runs.add_column(column, justify=justify, overflow="fold")
     for n, row in enumerate(rows):
-        mark = "<- validation prefers: export this one" if validated and n == best else ""
+        mark = "preferred" if validated and n == best else ""
         valid_text = "-" if row["valid"] is None else f"{row['valid']:.4f}"
         runs.add_row(
             row["run"], row["kind"], row["recipe"], valid_text, f"{row[args.split]:.4f}", mark
         )
     console.print(runs)
-    if not validated:
+    if validated:
+        preferred = rows[best]
+        console.print(
+            f"validation prefers {preferred['run']} ({preferred['kind']}, {args.metric} "
+            f"{preferred['valid']:.4f}): the one to export",
+            soft_wrap=True,
+        )
+    else:
         console.print("the dataset has no validation examples: no run is preferred")
     table = Table(
         title=f"{args.metric} on {args.split}: A - B, A = {rows[best]['run']} "
         f"({comparisons[0]['n']} paired examples)"
     )
-    for column in ("B", "A", "B mean", "A - B", f"{args.confidence:.0%} CI", "p"):
-        table.add_column(column, justify="left" if column == "B" else "right")
+    for column in ("B", "A mean", "B mean", "A - B", f"{args.confidence:.0%} CI", "p"):
+        table.add_column(column, justify="left" if column == "B" else "right", overflow="fold")
     for comparison in comparisons:
         table.add_row(
             comparison["run_b"],
