@@ -33,7 +33,7 @@ from feature_store import Event, OnlineStore
 from pipelines.config import SessionRule
 from pipelines.features import History, UserFeatures, online_features
 from serving.errors import RequestError
-from serving.model_step import POPULARITY, ModelStep
+from serving.model_step import FEATURE_WISE, POPULARITY, SELF_ATTENTION, ModelStep
 from serving.retrieval import Retriever, load_index
 from tlsan.bundle import Bundle, run_summary
 from tlsan.onnx_graph import DEFAULT_MAX_BATCH
@@ -414,10 +414,10 @@ class Recommender:
         }
 
 
-SUMMARIES = {
-    "feature_wise_attention": "TLSAN's attention over the user's recent long-term events "
+SUMMARIES = {  # one line per explanation method (`pop` and cold starts: `_popularity_summaries`)
+    FEATURE_WISE: "TLSAN's attention over the user's recent long-term events "
     "(first attention) and over the current session and the long-term summary (second)",
-    "self_attention": "self-attention of the latest event over the events read, averaged over "
+    SELF_ATTENTION: "self-attention of the latest event over the events read, averaged over "
     "heads and blocks",
 }
 
