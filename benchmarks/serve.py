@@ -24,7 +24,8 @@ a co-located client would).
 Then `/recommend` with API keys against `/recommend` without: two servers loaded at the same
 time by the same number of clients each (`--only auth` runs just this), so that both share
 every moment of the machine's background load; what authentication, scopes and the rate
-limiter cost.
+limiter cost. `--only model_step` runs just the in-process `recommend_batch` time per lone
+request (ONNX graph vs PyTorch), the figure the model step's changes are judged by.
 
 Targets (2-core machine): /recommend throughput >= 50% of the bare endpoint's at the same
 concurrency; p99 <= 25 ms at half the maximum throughput; with API keys >= 95% of the
@@ -488,7 +489,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--auth-rounds", type=int, default=16, help="rounds per auth level")
     parser.add_argument("--auth-seconds", type=float, default=4.0, help="seconds per auth round")
     parser.add_argument(
-        "--only", choices=("all", "auth"), default="all", help="auth: just the auth on/off run"
+        "--only",
+        choices=("all", "auth", "model_step"),
+        default="all",
+        help="auth: just the auth on/off run; model_step: just the in-process recommend time",
     )
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -537,6 +541,12 @@ def main(argv: list[str] | None = None) -> int:
             "rounds_per_level": args.rounds,
         }
         rec_env = {**env, "TLSAN_BUNDLE": str(bundle), "TLSAN_STORE": store_url}
+        if args.only == "model_step":
+            print("in-process recommend time ...", file=sys.stderr)
+            report["in_process_recommend"] = model_step_timing(bundle, store_url, bodies)
+            report["machine"]["load_average_after"] = os.getloadavg()
+            print(json.dumps(report, indent=2))
+            return 0
         if args.only == "auth":
             print("load tests: /recommend with and without API keys ...", file=sys.stderr)
             report["auth_overhead"] = auth_overhead(

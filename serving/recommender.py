@@ -12,7 +12,11 @@ Per query (DESIGN.md, "Serving contract"):
   short-term input, earlier sessions the long-term history, time features relative to it;
 - a user with events gets the model (neutral personal parameters when the bundle does not
   know the user); a user without any gets recent popularity, per category when filtered;
-- `exclude_seen` leaves out every item of the history; `categories` keeps only those.
+- `exclude_seen` leaves out every item of the history; `categories` keeps only those;
+- `explain` adds the model's attention over the events it read (TLSAN: feature-wise
+  attention; SASRec/TiSASRec: the last position's self-attention, mean over heads and
+  blocks), or a one-line popularity explanation (`pop`, and every cold start).
+The same for every model kind of the harness (serving/model_step.py).
 """
 
 from __future__ import annotations
@@ -29,10 +33,11 @@ from feature_store import Event, OnlineStore
 from pipelines.config import SessionRule
 from pipelines.features import History, UserFeatures, online_features
 from serving.errors import RequestError
-from serving.model_step import ModelStep
+from serving.model_step import FEATURE_WISE, POPULARITY, SELF_ATTENTION, ModelStep
 from serving.retrieval import Retriever, load_index
-from tlsan.bundle import Bundle
+from tlsan.bundle import Bundle, run_summary
 from tlsan.onnx_graph import DEFAULT_MAX_BATCH
+from tlsan.popularity import half_life_from_json, half_life_label
 
 Clock = Callable[[], float]
 
@@ -142,6 +147,7 @@ class Recommender:
         kwargs = {} if max_candidates is None else {"max_candidates": max_candidates}
         self.retriever = Retriever(index, vectors[1:], self.item_category, **kwargs)
         self.model = ModelStep(bundle, threads=threads or 1, onnx_max_batch=onnx_max_batch)
+        self.cold_start_summary, self.pop_summary = _popularity_summaries(bundle)
 
     # ------------------------------------------------------------------ API
     def recommend(self, query: Query) -> Recommendation:
@@ -211,11 +217,15 @@ class Recommender:
         }
 
     def model_info(self) -> dict[str, Any]:
-        """What `/model` shows: version, dataset, metrics, features, index, counts."""
+        """What `/model` shows: version, which model serves and how it scored on validation
+        (test too when the run has it: reported, never used), the runtime, dataset, metrics,
+        features, index, counts."""
         m = self.bundle.manifest
+        run = m.get("run") or run_summary(self.bundle.config, self.bundle.metrics)
         return {
             "model_version": self.model_version,
             "model": m["model"],
+            **run,
             "dataset_hash": m.get("dataset_hash"),
             "metrics": m.get("metrics", {}),
             "created_at": m.get("created_at"),
@@ -299,7 +309,9 @@ class Recommender:
             strategy="popularity" if p.allowed is None else "popularity_category",
             model_version=self.model_version,
             unknown_items=p.unknown,
-            explanation=self._popularity_explanation(p) if q.explain else None,
+            explanation=self._popularity_explanation(p.now, self.cold_start_summary)
+            if q.explain
+            else None,
             now=p.now,
         )
 
@@ -348,22 +360,23 @@ class Recommender:
     def _explanation(
         self, row: UserFeatures, p: _Prepared, attention: dict[str, Any] | None
     ) -> dict[str, Any]:
-        """Attention over the events behind a model answer, with the events' raw ids.
-
-        Only TLSAN has attention to show; other model kinds get empty event lists.
-        """
+        """Attention over the events behind a model answer, with the events' raw ids: the
+        most recent long-term events and session items the model read (each list as long as
+        its weights); `pop` has none and explains its answer as popularity."""
         if attention is None:
             return {
-                **self._popularity_explanation(p),
+                **self._popularity_explanation(p.now, self.pop_summary),
                 "user_category": self.category_names[int(row.user_category)] or None,
                 "reference_time": int(row.ref_time),
             }
-        long_items = row.long_items[-len(attention["long"]) :] if attention["long"] else []
-        long_tau = row.long_tau[-len(attention["long"]) :] if attention["long"] else []
-        # timestamps of the long-term events: the history ends at history_end.
-        end = int(row.history_end)
-        stamps = p.timestamps[max(0, end - len(long_items)) : end]
+        n_long, n_short = len(attention["long"]), len(attention["short"])
+        long_items = row.long_items[len(row.long_items) - n_long :]
+        long_tau = row.long_tau[len(row.long_tau) - n_long :]
+        stamps = row.long_time[len(row.long_time) - n_long :]
+        short_items = row.short_items[len(row.short_items) - n_short :]
         return {
+            "method": attention["method"],
+            "summary": SUMMARIES[attention["method"]],
             "long_term": [
                 {
                     "item_id": self.item_ids[i],
@@ -382,21 +395,52 @@ class Recommender:
                     "category": self.category_names[self.item_category[i]],
                     "weight": float(w),
                 }
-                for i, w in zip(row.short_items, attention["short"], strict=True)
+                for i, w in zip(short_items, attention["short"], strict=True)
             ],
             "long_term_summary_weight": float(attention["summary"]),
             "user_category": self.category_names[int(row.user_category)] or None,
             "reference_time": int(row.ref_time),
         }
 
-    def _popularity_explanation(self, p: _Prepared) -> dict[str, Any]:
+    def _popularity_explanation(self, now: int, summary: str) -> dict[str, Any]:
         return {
+            "method": POPULARITY,
+            "summary": summary,
             "long_term": [],
             "short_term": [],
             "long_term_summary_weight": 0.0,
             "user_category": None,
-            "reference_time": p.now,
+            "reference_time": now,
         }
+
+
+SUMMARIES = {  # one line per explanation method (`pop` and cold starts: `_popularity_summaries`)
+    FEATURE_WISE: "TLSAN's attention over the user's recent long-term events "
+    "(first attention) and over the current session and the long-term summary (second)",
+    SELF_ATTENTION: "self-attention of the latest event over the events read, averaged over "
+    "heads and blocks",
+}
+
+
+def _popularity_summaries(bundle: Bundle) -> tuple[str, str]:
+    """One line for a cold start's popularity explanation and one for a `pop` model's."""
+    cold = bundle.manifest.get("popularity", {})
+    cold_half_life = half_life_label(half_life_from_json(cold.get("half_life_days")))
+    cold_start = (
+        f"no usable history: the most popular items of all events known at export, each "
+        f"event weighted by recency (half-life {cold_half_life})"
+    )
+    run = bundle.config.get("popularity") if bundle.manifest.get("model") == "pop" else None
+    if isinstance(run, dict):
+        half_life = half_life_label(half_life_from_json(run.get("half_life_days")))
+        chosen = ", chosen on validation" if run.get("chosen_on_validation") else ""
+    else:
+        half_life, chosen = "as configured", ""
+    pop = (
+        f"popularity model: the most popular items of the training events, each event "
+        f"weighted by recency (half-life {half_life}{chosen})"
+    )
+    return cold_start, pop
 
 
 def _limit_threads(threads: int) -> None:

@@ -155,16 +155,25 @@ class LongTermEvent(ExplainedEvent):
 
 
 class Explanation(BaseModel):
-    """Feature-wise attention averaged over features: each list sums to 1 where non-empty."""
+    """The model's attention over the events it read. `feature_wise_attention` (TLSAN):
+    averaged over features; the long-term list sums to 1, the session list plus the summary
+    weight too. `self_attention` (SASRec, TiSASRec): the latest event's attention averaged
+    over heads and blocks; both lists together sum to 1. `popularity` (pop, cold start): no
+    attention, empty lists, `summary` says what the ranking is."""
 
+    method: Literal["feature_wise_attention", "self_attention", "popularity"] = Field(
+        description="what the weights are"
+    )
+    summary: str = Field(description="one line: what the answer is based on")
     long_term: list[LongTermEvent] = Field(
-        description="first attention, over the last long-term events (before the session)"
+        description="the most recent long-term events the model read (before the session)"
     )
     short_term: list[ExplainedEvent] = Field(
-        description="second attention, over the current session's events"
+        description="the current session's events the model read"
     )
     long_term_summary_weight: float = Field(
-        description="second attention's weight on the long-term summary vector"
+        description="TLSAN's second attention's weight on the long-term summary vector (0 for "
+        "other methods)"
     )
     user_category: str | None
     reference_time: int
@@ -241,9 +250,31 @@ class TimeoutBody(BaseModel):
     error: str
 
 
+class ValidationScore(BaseModel):
+    """The run's validation metrics: the select metric that chose its checkpoint, NDCG@10 and
+    HR@10 (metric name -> value)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    select_metric: str
+
+
 class ModelInfo(BaseModel):
-    """`GET /model`: what the worker serves (never a path on the server)."""
+    """`GET /model`: what the worker serves and how it scored (never a path on the server)."""
 
     model_config = ConfigDict(extra="allow")
 
     model_version: str
+    model_kind: str | None = Field(None, description="tlsan, sasrec, tisasrec or pop")
+    recipe: dict[str, Any] | None = Field(
+        None, description="preset, fields changed from it, and the training loss"
+    )
+    validation: ValidationScore | None = Field(
+        None, description="how the run scored on the validation split (what chose it)"
+    )
+    test: dict[str, Any] | None = Field(
+        None, description="test metrics, only when the run has them: reported, never used"
+    )
+    runtime: dict[str, Any] | None = Field(
+        None, description="engine (pytorch, or onnxruntime for small TLSAN batches), explanation"
+    )

@@ -75,6 +75,16 @@ def test_export_writes_every_part_and_a_manifest_that_describes_them(
     assert manifest["dataset_hash"] == data_manifest["dataset_hash"]
     assert manifest["metrics"] == json.loads((run / "metrics.json").read_text())
     assert manifest["model"] == "tlsan"
+    # which model, its recipe and how it scored on validation (test: reported, never used)
+    metrics = json.loads((run / "metrics.json").read_text())
+    summary = manifest["run"]
+    assert summary["model_kind"] == "tlsan" and summary["recipe"]["loss"] == "softmax"
+    assert summary["validation"] == {
+        "select_metric": "ndcg@10",
+        "ndcg@10": metrics["valid"]["ndcg@10"],
+        "hr@10": metrics["valid"]["hr@10"],
+    }
+    assert summary["test"]["ndcg@10"] == metrics["test"]["ndcg@10"]
     weights_hash = sha256(run / "model.safetensors")
     assert manifest["model_version"] == f"tlsan-{weights_hash[:12]}"
     assert manifest["created_at"].endswith("+00:00")
@@ -138,7 +148,8 @@ def test_export_builds_the_requested_index_kind(trained: tuple[Path, Path], tmp_
     assert not (out / "model/model.onnx").exists()
     from serving.model_step import ModelStep
 
-    assert ModelStep(load_bundle(out)).runtime == {"onnx": False}
+    runtime = ModelStep(load_bundle(out)).runtime
+    assert runtime["onnx"] is False and runtime["engine"] == "pytorch"
     # `auto` switches to HNSW at the configured catalog size.
     assert main([*args, "--overwrite", "--flat-threshold", "1000", "--no-onnx"]) == 0
     assert read_manifest(out)["index"]["kind"] == "hnsw"
@@ -281,8 +292,69 @@ def test_popularity_is_decayed_by_age_and_ranks_unseen_items_last() -> None:
     assert scores[3] == pytest.approx(3 * 2.0**-10)
     assert scores[4] == 0.0
     assert table["index"].to_list() == [1, 2, 3, 4]
-    with pytest.raises(BundleError, match="half_life_days"):
-        popularity_table(events, items, half_life_days=0.0)
+    # no decay: plain counts
+    flat, _ = popularity_table(events, items, half_life_days=float("inf"))
+    assert flat["index"].to_list() == [3, 1, 2, 4] and flat["score"].to_list() == [3, 2, 1, 0]
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(BundleError, match="half_life_days"):
+            popularity_table(events, items, half_life_days=bad)
+
+
+def test_pop_and_the_cold_start_share_one_popularity_and_half_life(
+    trained: tuple[Path, Path], bundle: Path, tmp_path: Path
+) -> None:
+    """`pop` scores the training events and the bundle's cold start all events, with the
+    same function and the same half-life: the pop run's own choice on validation, and for
+    another model the half-life pop validates best with (chosen at export, never on test)."""
+    from tlsan.baselines import training_events
+    from tlsan.data import load_dataset
+    from tlsan.popularity import (
+        HALF_LIFE_GRID,
+        half_life_from_json,
+        half_life_label,
+        recency_popularity,
+    )
+
+    _, data = trained
+    dataset = load_dataset(data)
+    pop_run = tmp_path / "pop-run"
+    assert main(["train", "--data", str(data), "--out", str(pop_run), "--model", "pop",
+                 "--no-mlflow", "--quiet"]) == 0  # fmt: skip
+    recorded = json.loads((pop_run / "config.json").read_text())["popularity"]
+    assert recorded["chosen_on_validation"] and len(recorded["validation"]) == len(HALF_LIFE_GRID)
+    half_life = half_life_from_json(recorded["half_life_days"])
+    validation = recorded["validation"]  # the best candidate (the first of equals) is chosen
+    assert half_life_label(half_life) == max(validation, key=validation.__getitem__)
+    items, stamps = training_events(dataset)
+    expected = recency_popularity(items, stamps, dataset.sizes.items, half_life).scores
+    model = load_run(pop_run).model
+    np.testing.assert_array_equal(model.b.detach().numpy(), expected.astype(np.float32))
+    # the pop run's bundle: its half-life, over every event of the dataset
+    out = tmp_path / "pop-bundle"
+    assert main(["export", "--run", str(pop_run), "--data", str(data), "--out", str(out),
+                 "--quiet"]) == 0  # fmt: skip
+    manifest = read_manifest(out)
+    assert manifest["popularity"]["half_life_days"] == recorded["half_life_days"]
+    assert manifest["popularity"]["chosen_by"] == "the pop run (validation)"
+    assert manifest["run"]["model_kind"] == "pop" and manifest["run"]["recipe"]["loss"] is None
+    events = pl.read_parquet(data / "events.parquet")
+    everything = recency_popularity(
+        events["item"].to_numpy(), events["timestamp"].to_numpy(), dataset.sizes.items, half_life
+    )
+    served = load_bundle(out).popularity
+    np.testing.assert_allclose(
+        served["score"].to_numpy(), everything.scores[served["index"].to_numpy()], rtol=1e-12
+    )
+    # a TLSAN run's bundle chose the same half-life on validation at export
+    tlsan_manifest = read_manifest(bundle)
+    assert tlsan_manifest["popularity"]["half_life_days"] == recorded["half_life_days"]
+    assert tlsan_manifest["popularity"]["chosen_by"] == "validation ndcg@10 at export"
+    assert tlsan_manifest["popularity"]["validation"] == recorded["validation"]
+    # an explicit half-life is used as given
+    fixed = tmp_path / "fixed"
+    assert main(["export", "--run", str(pop_run), "--data", str(data), "--out", str(fixed),
+                 "--quiet", "--popularity-half-life-days", "30"]) == 0  # fmt: skip
+    assert read_manifest(fixed)["popularity"]["half_life_days"] == 30.0
 
 
 @pytest.mark.slow

@@ -106,20 +106,37 @@ def trained_examples(data: Path, split: str) -> int:
     return pl.read_parquet(data / "examples" / f"{split}.parquet").height
 
 
-def test_compare_reports_a_bootstrap_interval(
+def test_compare_marks_the_run_validation_prefers_and_bootstraps_it_against_the_others(
     runs: dict[str, Path], data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "cmp.json"
-    status, text, _ = run_cli(
-        ["compare", str(runs["tlsan"]), str(runs["pop"]), "--data", str(data), "--json", str(out)],
-        capsys,
-    )
-    assert status == 0 and "CI" in text
+    args = ["compare", str(runs["pop"]), str(runs["tlsan"]), str(runs["pop"]), "--data", str(data)]
+    status, text, _ = run_cli([*args, "--json", str(out)], capsys)
+    assert status == 0 and "CI" in text and "validation prefers" in text
     result = json.loads(out.read_text())
-    tlsan = json.loads((runs["tlsan"] / "metrics.json").read_text())["test"]["ndcg@10"]
-    pop = json.loads((runs["pop"] / "metrics.json").read_text())["test"]["ndcg@10"]
-    assert result["diff"] == pytest.approx(tlsan - pop)
-    assert result["low"] <= result["diff"] <= result["high"] and result["n"] > 0
+    metrics = {name: json.loads((runs[name] / "metrics.json").read_text()) for name in runs}
+    # each run's kind, recipe and validation score (the same evaluator as training's)
+    kinds = [row["kind"] for row in result["runs"]]
+    assert kinds == ["pop", "tlsan", "pop"]
+    for row in result["runs"]:
+        assert row["valid"] == pytest.approx(metrics[row["kind"]]["valid"]["ndcg@10"])
+        assert row["test"] == pytest.approx(metrics[row["kind"]]["test"]["ndcg@10"])
+    assert result["runs"][1]["recipe"].startswith("default; loss softmax; changed:")
+    assert result["runs"][0]["recipe"] == "default"
+    # the preferred run is the best on validation (the first of equals); test never chooses
+    valid = [row["valid"] for row in result["runs"]]
+    preferred = valid.index(max(valid))
+    assert result["preferred"] == result["runs"][preferred]["run"]
+    assert len(result["comparisons"]) == 2
+    for comparison in result["comparisons"]:
+        assert comparison["run_a"] == result["preferred"]
+        a = metrics[result["runs"][preferred]["kind"]]["test"]["ndcg@10"]
+        b = next(r for r in result["runs"] if r["run"] == comparison["run_b"])["test"]
+        assert comparison["diff"] == pytest.approx(a - b)
+        assert comparison["low"] <= comparison["diff"] <= comparison["high"]
+        assert comparison["n"] > 0
+    status, _, err = run_cli(["compare", str(runs["pop"]), "--data", str(data)], capsys)
+    one_line_error(status, err, "two or more run dirs")
 
 
 def broken_copy(run: Path, tmp_path: Path, name: str) -> Path:

@@ -149,36 +149,22 @@ def test_personal_parameters_roundtrip_and_neutral_user() -> None:
         model.set_personal(torch.tensor([6]), neutral)
         neutral_row = model.score_all(replace(batch, user=torch.full((5,), 6)))
     torch.testing.assert_close(unknown, neutral_row)
-    # serving freezes the lookup tables: bit-identical outputs, for known and unknown users
-    zeros = replace(batch, user=torch.zeros(5, dtype=torch.int64))
-    mixed = replace(batch, user=torch.tensor([0, 2, 0, 5, 1]))
-    with torch.no_grad():
-        model.eval()
-        thawed = [model.score_all(b) for b in (zeros, mixed, batch)]
-        model.freeze()
-        assert not model.training
-        frozen = [model.score_all(b) for b in (zeros, mixed, batch)]
-    for before, after in zip(thawed, frozen, strict=True):
-        assert torch.equal(before, after)
-    with torch.no_grad():  # tables over the size budget are not copied: same answers
-        model.freeze(max_table_bytes=0)
-        assert model.__dict__["_frozen"].items is None and model.__dict__["_frozen"].e_u is None
-        lean = [model.score_all(b) for b in (zeros, mixed, batch)]
-    for before, after in zip(thawed, lean, strict=True):
-        assert torch.equal(before, after)
-    # writing personal rows thaws the model, so answers follow the new rows
-    three = torch.tensor([3])
-    model.set_personal(three, {k: v + 5.0 for k, v in model.get_personal(three).items()})
-    assert "_frozen" not in model.__dict__
-    with torch.no_grad():
-        moved = model.score_all(replace(batch, user=torch.full((5,), 3)))
-        model.freeze()
-        assert torch.equal(moved, model.score_all(replace(batch, user=torch.full((5,), 3))))
-    model.train()  # training thaws it too, and so does loading weights
-    assert "_frozen" not in model.__dict__ and model.training
-    model.freeze()
-    model.load_state_dict(model.state_dict())
-    assert "_frozen" not in model.__dict__
+
+
+def test_losses_and_the_attention_bias_are_built_on_the_models_device() -> None:
+    """On a GPU, labels and masks built on the CPU fail (or copy every step): the `meta`
+    device finds them on a CPU-only machine, since mixing it with the CPU raises."""
+    from tlsan.scoring import bce_loss, softmax_loss
+
+    logits = torch.randn(4, 6, device="meta")
+    assert softmax_loss(logits).device.type == "meta"
+    assert bce_loss(logits).device.type == "meta"
+    for kind in ("sasrec", "tisasrec"):
+        config = ModelConfig(kind=kind, d_item=8, d_cat=8, heads=2, max_len=10, time_span=16)
+        model = build_model(config, SIZES, ITEM_CATEGORY).to("meta")
+        mask = torch.ones(3, 5, dtype=torch.bool, device="meta")
+        bias = model.attention_bias(mask)
+        assert bias.device.type == "meta" and bias.shape == (3, 1, 5, 5)
 
 
 def test_build_model_kinds_and_sizes() -> None:
@@ -236,3 +222,37 @@ def test_config_presets_and_validation(tmp_path) -> None:
         load_config_file(json_file)
     with pytest.raises(ConfigError, match="not found"):
         load_config_file(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("kind", ["sasrec", "tisasrec"])
+def test_block_attention_is_the_attention_forward_applies(kind: str) -> None:
+    """Explanations show `block.attention(...)`: the weights that, applied to the values,
+    give the block's own attention output (SASRec's forward computes them inside SDPA)."""
+    torch.manual_seed(0)
+    config = ModelConfig(kind=kind, d_item=8, d_cat=8, heads=2, max_len=16, time_span=16)
+    model = build_model(config, SIZES, ITEM_CATEGORY).eval()
+    captured: list[tuple[torch.Tensor, ...]] = []
+    outputs: list[torch.Tensor] = []
+    block = model.blocks[1]
+    block.register_forward_hook(lambda _m, args, out: captured.append(args) or outputs.append(out))
+    batch = make_batch(seed=4)
+    with torch.no_grad():
+        model.user_vectors(batch)
+        args = captured[0]
+        weights = block.attention(*args)  # (B, H, T, T)
+        h = args[0]
+        B, T, D = h.shape
+        sums = weights.sum(-1)
+        assert torch.allclose(sums, torch.ones_like(sums), atol=1e-5)
+        if kind == "sasrec":
+            _, _, v = block._heads(h)
+            mixed = weights @ v
+        else:
+            _, _, v = block._heads(h, args[2], args[3])
+            H = block.heads
+            r_v = args[6].view(-1, H, D // H).transpose(0, 1)
+            buckets = args[4].unsqueeze(1).expand(B, H, T, T)
+            per_bucket = weights.new_zeros(B, H, T, r_v.shape[1]).scatter_add_(-1, buckets, weights)
+            mixed = weights @ v + per_bucket @ r_v
+        expected = block.ff(h + block.proj(mixed.transpose(1, 2).reshape(B, T, D)))
+    torch.testing.assert_close(expected, outputs[0], rtol=1e-5, atol=1e-5)

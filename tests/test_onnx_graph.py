@@ -13,6 +13,7 @@ import torch
 from tlsan.config import ModelConfig
 from tlsan.data import Batch, VocabSizes
 from tlsan.errors import GraphError
+from tlsan.model import TLSAN
 from tlsan.models import build_model
 from tlsan.onnx_graph import (
     INPUT_NAMES,
@@ -153,8 +154,10 @@ def test_the_exported_graph_has_no_softmax_node_and_the_model_is_left_as_it_was(
     exported: tuple[torch.nn.Module, Path],
 ) -> None:
     """Attention weights are exported as max/exp/sum (ONNX Runtime's Softmax over a non-last
-    axis transposes twice); the switch is only on while exporting."""
+    axis transposes twice), from the model's frozen form; the model itself is untouched."""
     model, path = exported
     ops = {node.op_type for node in onnx.load(str(path)).graph.node}
     assert "Softmax" not in ops and {"Exp", "ReduceMax"} <= ops
-    assert not model.fwa_long.exporting and not model.fwa_short.exporting
+    assert type(model) is TLSAN
+    assert type(model.fwa_long.softmax) is torch.nn.Softmax
+    assert type(model.fwa_short.softmax) is torch.nn.Softmax

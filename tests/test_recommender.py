@@ -17,7 +17,8 @@ import torch
 from feature_store import Event, OnlineStore, open_store
 from serving.batching import MicroBatcher
 from serving.errors import RequestError
-from serving.recommender import Query, Recommender
+from serving.recommender import Query, Recommendation, Recommender
+from serving.schemas import RecommendResponse
 from tlsan.bundle import Bundle, load_bundle, write_bundle
 from tlsan.cli import main
 from tlsan.config import preset
@@ -57,7 +58,8 @@ def test_users(served: tuple[Path, Bundle]) -> pl.DataFrame:
 
 def parity_store(data: Path, path: Path) -> OnlineStore:
     """A fresh SQLite store holding what serving holds at each test example: the user's events
-    before the test session plus the session's items so far (at ref_time), with raw ids."""
+    before the test session plus the session's items so far, at their own timestamps, with
+    raw ids (`parity_now` is then a moment that sees all of them in the same session)."""
     items = dict(pl.read_parquet(data / "vocab/items.parquet").select("index", "item_id").rows())
     events = pl.read_parquet(data / "events.parquet")
     test = pl.read_parquet(data / "examples/test.parquet")
@@ -65,8 +67,10 @@ def parity_store(data: Path, path: Path) -> OnlineStore:
     history = events.join(test.select("user", "history_end"), on="user").filter(
         pl.col("pos") < pl.col("history_end")
     )
-    short = test.select("user", "ref_time", pl.col("short_items").alias("item")).explode("item")
-    short = short.drop_nulls("item").rename({"ref_time": "timestamp"})
+    short = test.select(
+        "user", pl.col("short_items").alias("item"), pl.col("short_time").alias("timestamp")
+    ).explode("item", "timestamp")
+    short = short.drop_nulls("item")
     rows = pl.concat(
         [history.select("user", "item", "timestamp"), short.select("user", "item", "timestamp")]
     )
@@ -79,6 +83,15 @@ def parity_store(data: Path, path: Path) -> OnlineStore:
     return store
 
 
+def parity_now(test_users: pl.DataFrame) -> list[int]:
+    """Per test example, the moment its features are computed at online: the session's
+    reference time, or its last item's time when that is later (the same session)."""
+    return [
+        max([ref, *stamps])
+        for ref, stamps in test_users.select("ref_time", "short_time").iter_rows()
+    ]
+
+
 @pytest.fixture
 def recommender(served: tuple[Path, Bundle], tmp_path: Path) -> Iterator[Recommender]:
     data, bundle = served
@@ -87,12 +100,37 @@ def recommender(served: tuple[Path, Bundle], tmp_path: Path) -> Iterator[Recomme
     store.close()
 
 
-def offline_top10(data: Path, bundle: Bundle) -> np.ndarray:
+def offline_top10(data: Path, bundle: Bundle) -> tuple[np.ndarray, np.ndarray]:
     """The offline evaluator's top 10 of every test example (`evaluate_model(top_k=10)`: the
-    ranking behind its metrics, history excluded, ties by item index)."""
+    ranking behind its metrics, history excluded, ties by item index) and their scores
+    (`user_vectors @ item_vectors.T`, what the evaluator ranks by)."""
     split = load_dataset(data, splits=("test",)).test
-    result = evaluate_model(bundle.load_model(), split, top_k=10)
-    return result.per_example["top_items"]
+    model = bundle.load_model()
+    top = evaluate_model(model, split, top_k=10).per_example["top_items"]
+    with torch.inference_mode():
+        scores = model.user_vectors(split.arrays.batch()) @ model.item_vectors().T
+    return top, scores.gather(1, torch.from_numpy(top)).numpy()
+
+
+def assert_served_as_offline(
+    answers: list[Recommendation | RequestError],
+    expected: tuple[np.ndarray, np.ndarray],
+    index: dict[str, int],
+) -> None:
+    """Every answer's top 10 is the evaluator's, item for item; scores to float32 rounding."""
+    top, scores = expected
+    mismatched = []
+    for row, answer in enumerate(answers):
+        assert not isinstance(answer, RequestError)
+        assert answer.strategy == "model"
+        served_top = [index[item_id] for item_id, _, _ in answer.items]
+        if served_top != top[row].tolist():
+            mismatched.append(row)
+            continue
+        assert [s for _, s, _ in answer.items] == pytest.approx(
+            scores[row].tolist(), rel=1e-5, abs=1e-5
+        ), row
+    assert mismatched == []
 
 
 # ------------------------------------------------------------------ parity
@@ -103,19 +141,12 @@ def test_every_test_user_gets_the_offline_evaluators_top10(
     expected = offline_top10(data, bundle)
     queries = [
         Query(user_id=u, k=10, now=t)
-        for u, t in test_users.select("user_id", "ref_time").iter_rows()
+        for u, t in zip(test_users["user_id"], parity_now(test_users), strict=True)
     ]
     answers = recommender.recommend_batch(queries)
     index = recommender.item_index
     assert len(answers) == test_users.height == 1_659
-    mismatched = []
-    for row, answer in enumerate(answers):
-        assert not isinstance(answer, RequestError)
-        assert answer.strategy == "model"
-        served_top = [index[item_id] for item_id, _, _ in answer.items]
-        if served_top != expected[row].tolist():
-            mismatched.append(row)
-    assert mismatched == []
+    assert_served_as_offline(answers, expected, index)
     # Batches of the size the service forms answer the same.
     some = list(range(0, 1_659, 97))
     small = recommender.recommend_batch([queries[i] for i in some])
@@ -133,48 +164,101 @@ def test_every_test_user_gets_the_offline_evaluators_top10(
         return run_graph(inputs)
 
     graph.run = counted  # type: ignore[method-assign]
+    top = expected[0]
     for row, query in enumerate(queries):
         (alone,) = recommender.recommend_batch([query])
         assert not isinstance(alone, RequestError)
-        assert [index[i] for i, _, _ in alone.items] == expected[row].tolist(), row
+        assert [index[i] for i, _, _ in alone.items] == top[row].tolist(), row
         assert [s for _, s, _ in alone.items] == pytest.approx(
             [s for _, s, _ in answers[row].items], rel=1e-5, abs=1e-5
         )
     assert runs == len(queries)
 
 
-@pytest.mark.parametrize("kind", ["sasrec", "pop"])
-def test_baseline_bundles_serve_their_offline_ranking_too(
-    kind: str, served: tuple[Path, Bundle], test_users: pl.DataFrame, tmp_path: Path
-) -> None:
+@pytest.fixture(scope="module")
+def baseline_runs(
+    served: tuple[Path, Bundle], tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[str], Path]:
+    """Factory: a bundle of `kind` trained with `tlsan train` (its default recipe, 2 epochs;
+    pop's half-life chosen on validation), built once per kind."""
     from serving.index_builder import build_bundle_index
-    from tlsan.run_dir import run_config_dict, write_json, write_tensors
-    from tlsan.train import new_model
 
     data, _ = served
-    # A freshly initialised SASRec (pop is fitted at creation) written as a run dir: serving
-    # parity does not depend on training, and an epoch of SASRec costs tens of seconds here.
-    config = preset("default", kind)
-    dataset = load_dataset(data, splits=("train",))
-    model = new_model(config, dataset)
-    run = tmp_path / "run"
-    write_tensors(run / "model.safetensors", model.state_dict())
-    write_json(run / "config.json", run_config_dict(config, dataset, model))
-    write_json(run / "metrics.json", {"valid": {}, "test": {}})
-    write_bundle(tmp_path / "run", data, tmp_path / "bundle", index_builder=build_bundle_index)
-    bundle = load_bundle(tmp_path / "bundle")
-    assert bundle.manifest["model"] == kind
+    work = tmp_path_factory.mktemp("baselines")
+    built: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in built:
+            run = work / f"{kind}-run"
+            args = ["train", "--data", str(data), "--out", str(run), "--model", kind]
+            assert main([*args, "--epochs", "2", "--no-mlflow", "--quiet"]) == 0
+            write_bundle(run, data, work / kind, index_builder=build_bundle_index)
+            built[kind] = work / kind
+        return built[kind]
+
+    return get
+
+
+@pytest.mark.parametrize("kind", ["sasrec", "tisasrec", "pop"])
+def test_every_model_kind_serves_the_offline_evaluators_ranking(
+    kind: str,
+    served: tuple[Path, Bundle],
+    baseline_runs: Callable[[str], Path],
+    test_users: pl.DataFrame,
+    tmp_path: Path,
+) -> None:
+    """A served `sasrec`, `tisasrec` or `pop` bundle answers every Digital_Music test user
+    with the offline evaluator's top 10 and scores (the TLSAN test above, on PyTorch), and
+    explains with its attention (pop: popularity)."""
+    data, _ = served
+    bundle = load_bundle(baseline_runs(kind))
+    assert bundle.manifest["model"] == kind and bundle.manifest["run"]["model_kind"] == kind
     expected = offline_top10(data, bundle)
+    nows = parity_now(test_users)
+    queries = [
+        Query(user_id=u, k=10, now=t, explain=row % 5 == 0)
+        for row, (u, t) in enumerate(zip(test_users["user_id"], nows, strict=True))
+    ]
     with parity_store(data, tmp_path / "store.db") as store:
         rec = Recommender(bundle, store)
-        sample = test_users.head(300)
-        answers = rec.recommend_batch(
-            [Query(user_id=u, k=10, now=t, explain=True)
-             for u, t in sample.select("user_id", "ref_time").iter_rows()]
-        )  # fmt: skip
-    for row, answer in enumerate(answers):
-        assert [rec.item_index[i] for i, _, _ in answer.items] == expected[row].tolist()
-        assert answer.explanation is not None and answer.explanation["long_term"] == []
+        assert rec.model.graph is None and rec.model_info()["runtime"]["engine"] == "pytorch"
+        sequences: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        model = rec.model.model
+        if kind == "tisasrec":  # record the sequences the served forward reads (and run it)
+            sequence = model.sequence
+            model.sequence = lambda batch: sequences.append(sequence(batch)[:2]) or sequence(batch)
+        answers = rec.recommend_batch(queries)
+        alone = [rec.recommend_batch([queries[i]])[0] for i in range(0, 1_659, 97)]
+    assert len(answers) == 1_659
+    assert_served_as_offline(answers, expected, rec.item_index)
+    for answer in answers:  # every answer, explanations included, fits the HTTP contract
+        assert not isinstance(answer, RequestError)
+        RecommendResponse.model_validate(answer.to_json())
+    for one, row in zip(alone, range(0, 1_659, 97), strict=True):  # alone: the same answer
+        assert [(i, c) for i, _, c in one.items] == [(i, c) for i, _, c in answers[row].items]
+        assert [s for _, s, _ in one.items] == pytest.approx(
+            [s for _, s, _ in answers[row].items], rel=1e-5, abs=1e-5
+        )
+    if kind == "tisasrec":  # the served sequence is the offline example's, times included
+        offline = bundle.load_model().sequence(
+            load_dataset(data, splits=("test",)).test.arrays.batch()
+        )
+        assert torch.equal(sequences[0][0], offline[0]) and torch.equal(sequences[0][1], offline[1])
+    for row in range(0, 1_659, 5):
+        explanation = answers[row].explanation
+        assert explanation is not None
+        if kind == "pop":
+            assert explanation["method"] == "popularity" and explanation["long_term"] == []
+            assert "popularity" in explanation["summary"]
+            continue
+        assert explanation["method"] == "self_attention"
+        events = explanation["long_term"] + explanation["short_term"]
+        assert sum(e["weight"] for e in events) == pytest.approx(1.0, abs=1e-5)
+        # the events the model read: the last max_len of [long-term ; session]
+        example = test_users.row(row, named=True)
+        sequence = (example["long_items"] + example["short_items"])[-model.config.max_len :]
+        assert [e["item_id"] for e in events] == [rec.item_ids[i] for i in sequence]
+        assert explanation["long_term_summary_weight"] == 0.0
 
 
 # ------------------------------------------------------------------ time and sessions

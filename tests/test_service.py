@@ -119,6 +119,16 @@ def test_model_health_metrics_and_openapi(server: BentoServer, deployment: Deplo
     assert info["model_version"] == manifest["model_version"]
     assert info["dataset_hash"] == manifest["dataset_hash"]
     assert info["metrics"] == manifest["metrics"] and "ndcg@10" in info["metrics"]["test"]
+    # which model serves, on what, and how it scored on validation (test: reported only)
+    assert info["model_kind"] == "tlsan" and info["recipe"]["loss"] == "softmax"
+    valid = manifest["metrics"]["valid"]
+    assert info["validation"] == {
+        "select_metric": "ndcg@10",
+        "ndcg@10": valid["ndcg@10"],
+        "hr@10": valid["hr@10"],
+    }
+    assert info["test"]["ndcg@10"] == manifest["metrics"]["test"]["ndcg@10"]
+    assert info["runtime"]["onnx"] is True and "onnxruntime" in info["runtime"]["engine"]
     assert info["index"]["kind"] == "flat"
     # no path on the server: not the bundle's, not its folder's
     assert str(deployment.bundle.path.parent) not in model.text
@@ -140,7 +150,7 @@ def test_test_users_get_the_offline_top10_over_http(
     """Every test user through the SQLite deployment, every 4th through Redis (the store is
     the only difference; tests/test_recommender.py covers every user without HTTP)."""
     stride = 1 if request.node.callspec.params["server"] == "sqlite" else 4
-    expected = offline_top10(deployment.data, deployment.bundle)[::stride]
+    expected = offline_top10(deployment.data, deployment.bundle)[0][::stride]
     item_ids = [""] + deployment.bundle.items["item_id"].to_list()
     bodies = [
         {"user_id": user, "k": 10, "now": now}

@@ -13,6 +13,7 @@ from tests.tiny_data import synthetic_dataset
 from tlsan.config import preset
 from tlsan.data import Dataset, concat_splits, load_dataset
 from tlsan.errors import ConfigError, RunError
+from tlsan.evaluate import evaluate_model
 from tlsan.metrics import metric_names
 from tlsan.run_dir import load_run
 from tlsan.train import evaluate_split, fit, make_optimizer, new_model, train_epoch
@@ -161,6 +162,29 @@ def test_baselines_train_in_the_same_harness(synthetic: Dataset, tmp_path: Path)
     assert sasrec.test is not None and sasrec.test["auc"] > 0.85
     assert sasrec.test["ndcg@10"] > 1.2 * pop.test["ndcg@10"]
     assert load_run(tmp_path / "pop", synthetic).model.b.sum().item() > 0
+
+
+def test_pop_chooses_its_half_life_on_validation_unless_given_one(synthetic: Dataset) -> None:
+    from dataclasses import replace
+
+    from tlsan.popularity import HALF_LIFE_GRID, half_life_label
+
+    chosen = new_model(small("pop", select_metric="mrr"), synthetic)
+    assert list(chosen.selection) == [half_life_label(h) for h in HALF_LIFE_GRID]
+    best = max(chosen.selection, key=chosen.selection.__getitem__)  # the first of equals
+    assert half_life_label(chosen.half_life_days) == best
+    # the candidates' scores are the evaluator's validation mrr of pop at each half-life
+    fixed = new_model(small("pop", pop_half_life_days=30.0), synthetic)
+    assert fixed.selection == {} and fixed.half_life_days == 30.0
+    valid = evaluate_model(fixed, synthetic.valid).metrics["mrr"]
+    assert chosen.selection["30 days"] == pytest.approx(valid)
+    assert fixed.popularity_summary() == {
+        "half_life_days": 30.0, "chosen_on_validation": False, "validation": {}
+    }  # fmt: skip
+    # no validation split to choose on: a clear error naming the field
+    without_valid = replace(synthetic, splits={"train": synthetic.train})
+    with pytest.raises(ConfigError, match="pop_half_life_days"):
+        new_model(small("pop"), without_valid)
 
 
 def test_train_epoch_on_a_subset_of_rows(synthetic: Dataset) -> None:

@@ -1,15 +1,21 @@
 """The serving bundle: everything `/recommend` needs, in one directory, written atomically.
 
     BUNDLE/
-      manifest.json             format, model version, dataset hash, metrics, created at,
-                                feature settings, counts, index description, file checksums
+      manifest.json             format, model version, model kind, the run's recipe and
+                                validation metrics (test too, when the run has them: reported,
+                                never used), dataset hash, created at, feature settings,
+                                counts, index description, popularity, file checksums
       model/config.json         the run's fully resolved config
       model/model.safetensors   the run's weights
       model/metrics.json        the run's valid/test metrics
       item_vectors.safetensors  `item_vectors`: [x_i ; b_i] per item index (row 0 = padding)
       index.faiss               FAISS index over rows 1..n (FAISS native format)
       vocab/{users,items,categories}.parquet   raw ids <-> indices, item categories
-      popularity.parquet        recent popularity per item (cold start; overall and per category)
+      popularity.parquet        recent popularity per item (cold start; overall and per category):
+                                every event of the prepared dataset (train, valid and test
+                                periods: all known at export), decayed with the half-life of
+                                `cold_start_half_life` (tlsan/popularity.py, the one
+                                implementation `pop` uses too)
 
 No pickle anywhere: safetensors, JSON, Parquet and FAISS's own format. Every file's SHA-256
 is in the manifest, so a truncated or edited file is caught at load time rather than giving
@@ -52,7 +58,6 @@ ITEM_VECTORS = "item_vectors.safetensors"
 INDEX = "index.faiss"
 POPULARITY = "popularity.parquet"
 VOCAB_FILES = ("users.parquet", "items.parquet", "categories.parquet")
-DEFAULT_HALF_LIFE_DAYS = 30.0
 MLFLOW_PREFIX = "models:/"
 BENTOML_PREFIX = "bentoml:"
 DEFAULT_MODEL_NAME = "tlsan"
@@ -112,34 +117,121 @@ def read_item_vectors(path: Path) -> np.ndarray:
 def popularity_table(
     events: pl.LazyFrame, items: pl.DataFrame, *, half_life_days: float
 ) -> tuple[pl.DataFrame, int]:
-    """Recent popularity of every item: event counts decayed by age (half-life in days).
+    """Recent popularity of every item (`tlsan.popularity.recency_popularity` over `events`;
+    half-life in days, `inf` for none), as the bundle's ranking.
 
     Age is measured from the log's last event. Ranking order is score desc, then all-time
     count desc, then item index asc; items without events come last, so a ranking by
     popularity always covers the whole catalog. Per category is the same order filtered.
     """
-    if not half_life_days > 0:
-        raise BundleError(f"half_life_days: expected a positive number, got {half_life_days!r}")
-    reference = events.select(pl.col("timestamp").max()).collect().item()
-    if reference is None:
+    from tlsan.popularity import check_half_life, recency_popularity
+
+    try:
+        check_half_life(half_life_days, "half_life_days")
+    except ValueError as exc:
+        raise BundleError(str(exc)) from None
+    frame = events.select("item", "timestamp").collect()
+    if frame.height == 0:
         raise BundleError("events.parquet: no events, cannot compute popularity")
-    rate = np.log(2.0) / (half_life_days * 86_400.0)
-    counts = (
-        events.group_by("item")
-        .agg(
-            ((pl.col("timestamp") - reference).cast(pl.Float64) * rate).exp().sum().alias("score"),
-            pl.len().cast(pl.Int64).alias("count"),
-        )
-        .collect()
+    index = items.get_column("index").to_numpy().astype(np.int64)
+    n_rows = int(max(index.max(initial=0), frame.get_column("item").max() or 0)) + 1
+    popularity = recency_popularity(
+        frame.get_column("item").to_numpy(),
+        frame.get_column("timestamp").to_numpy(),
+        n_rows,
+        half_life_days,
     )
     table = (
         items.select(pl.col("index").cast(pl.Int32), pl.col("category").cast(pl.Int32))
-        .join(counts.rename({"item": "index"}), on="index", how="left")
-        .with_columns(pl.col("score").fill_null(0.0), pl.col("count").fill_null(0))
+        .with_columns(
+            pl.Series("score", popularity.scores[index], pl.Float64),
+            pl.Series("count", popularity.counts[index], pl.Int64),
+        )
         .sort(["score", "count", "index"], descending=[True, True, False])
         .with_columns(pl.int_range(1, pl.len() + 1, dtype=pl.Int32).alias("rank"))
     )
-    return table, int(reference)
+    assert popularity.reference_time is not None
+    return table, int(popularity.reference_time)
+
+
+def cold_start_half_life(
+    run_config: dict[str, Any], data_dir: Path, requested: float | None
+) -> dict[str, Any]:
+    """The half-life of the bundle's cold-start popularity, and why (the manifest's record).
+
+    - `requested` (`--popularity-half-life-days`): as given;
+    - a `pop` run: the half-life that run used (chosen on validation unless it was set);
+    - any other run: chosen now on the dataset's validation split, the way a `pop` run chooses
+      it (the run's select metric and history protocol; training events only), so exporting
+      never reads test and every bundle's cold start is the `pop` that validates best.
+    """
+    from tlsan.popularity import CHOOSE, half_life_json
+
+    config = run_config.get("config", {})
+    model = config.get("model", {})
+    if requested is not None:
+        return {"half_life_days": half_life_json(requested), "chosen_by": "export option"}
+    recorded = run_config.get("popularity")
+    if model.get("kind") == "pop" and isinstance(recorded, dict):
+        return {
+            "half_life_days": recorded.get("half_life_days"),
+            "chosen_by": "the pop run (validation)"
+            if recorded.get("chosen_on_validation")
+            else "the pop run's config",
+        }
+    if model.get("kind") == "pop" and float(model.get("pop_half_life_days", CHOOSE)) > 0:
+        return {"half_life_days": half_life_json(float(model["pop_half_life_days"])),
+                "chosen_by": "the pop run's config"}  # fmt: skip
+    from tlsan.baselines import Pop, choose_half_life, training_events
+    from tlsan.config import ModelConfig
+    from tlsan.data import load_dataset
+
+    dataset = load_dataset(data_dir, splits=("train", "valid"))
+    select_metric = str(config.get("select_metric", "ndcg@10"))
+    include_history = bool(config.get("include_history", False))
+    pop = Pop(ModelConfig(kind="pop"), dataset.sizes, dataset.item_category)
+    items, stamps = training_events(dataset)
+    chosen, selection = choose_half_life(
+        pop, dataset, items, stamps, select_metric, include_history
+    )
+    return {
+        "half_life_days": half_life_json(chosen),
+        "chosen_by": f"validation {select_metric} at export",
+        "validation": selection,
+    }
+
+
+def run_summary(run_config: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    """Which model a run is and how it scored: kind, recipe (preset, changed fields, loss),
+    the validation metrics that chose its checkpoint (select metric, NDCG@10, HR@10), and its
+    test metrics only when it has them (reported once after training, never used to choose).
+    What the manifest records and `GET /model` shows."""
+    config = run_config.get("config") if isinstance(run_config.get("config"), dict) else {}
+    kind = run_config.get("model_kind") or config.get("model", {}).get("kind")
+    select = str(run_config.get("select_metric") or config.get("select_metric") or "ndcg@10")
+    recipe = run_config.get("recipe")
+    if not isinstance(recipe, dict):
+        recipe = {"preset": None, "changed": None, "loss": config.get("loss")}
+    if kind == "pop":
+        recipe = {**recipe, "loss": None}  # nothing is trained
+    valid = metrics.get("valid") if isinstance(metrics.get("valid"), dict) else {}
+    test = metrics.get("test") if isinstance(metrics.get("test"), dict) else None
+
+    def pick(values: dict[str, Any]) -> dict[str, Any]:
+        names = dict.fromkeys([select, "ndcg@10", "hr@10"])
+        return {name: values[name] for name in names if name in values}
+
+    summary: dict[str, Any] = {
+        "model_kind": kind,
+        "recipe": recipe,
+        "include_history": bool(config.get("include_history", False)),
+        "validation": {"select_metric": select, **pick(valid)},
+    }
+    if test:
+        summary["test"] = {**pick(test), "note": "reported after training, never used to choose"}
+    if metrics.get("leaky"):
+        summary["leaky"] = True  # --protocol reference: its test figure was chosen on test
+    return summary
 
 
 def subprocess_index_builder(
@@ -165,7 +257,7 @@ def subprocess_index_builder(
 
 
 # ------------------------------------------------------------------ the model
-def _load_run_for(run_dir: Path, data_dir: Path, data_manifest: dict[str, Any]) -> tuple[str, Any]:
+def _load_run_for(run_dir: Path, data_dir: Path, data_manifest: dict[str, Any]) -> tuple[Any, Any]:
     """The run's model, checked against the dataset it is exported with."""
     from tlsan.errors import RunError
     from tlsan.run_dir import MODEL_FILE, model_from_weights, read_run_info, read_tensors
@@ -179,7 +271,7 @@ def _load_run_for(run_dir: Path, data_dir: Path, data_manifest: dict[str, Any]) 
             f"{data_manifest.get('dataset_hash')} (vocab sizes {sizes})"
         )
     weights = read_tensors(run_dir / MODEL_FILE, "model weights")
-    return info.config.model.kind, model_from_weights(info, weights, run_dir / MODEL_FILE)
+    return info, model_from_weights(info, weights, run_dir / MODEL_FILE)
 
 
 def _item_vectors(model: Any) -> np.ndarray:
@@ -252,7 +344,7 @@ def write_bundle(
     index_builder: IndexBuilder | None = None,
     flat_threshold: int = DEFAULT_FLAT_THRESHOLD,
     model_version: str | None = None,
-    half_life_days: float = DEFAULT_HALF_LIFE_DAYS,
+    half_life_days: float | None = None,
     overwrite: bool = False,
     onnx: bool = True,
     progress: Callable[[str], None] | None = None,
@@ -260,7 +352,8 @@ def write_bundle(
     """Export a trained run (`run_dir`, trained on the prepared dataset `data_dir`) to `out`.
 
     With `onnx`, a TLSAN model's user vectors are also exported as an ONNX graph, which the
-    service runs for small batches (`tlsan.onnx_graph`)."""
+    service runs for small batches (`tlsan.onnx_graph`). `half_life_days` sets the cold-start
+    popularity's half-life (inf: no decay); None chooses it (`cold_start_half_life`)."""
     from safetensors.numpy import save_file
 
     say = progress or (lambda _msg: None)
@@ -270,7 +363,8 @@ def write_bundle(
         if not (run_dir / name).is_file():
             raise BundleError(f"{run_dir / name}: missing; expected a run dir from `tlsan train`")
     say("loading the run")
-    kind, model = _load_run_for(run_dir, data_dir, data_manifest)
+    info, model = _load_run_for(run_dir, data_dir, data_manifest)
+    kind = info.config.model.kind
     with _atomic_dir(out, overwrite) as tmp:
         (tmp / MODEL_DIR).mkdir()
         for name in RUN_FILES:
@@ -295,8 +389,13 @@ def write_bundle(
         builder = index_builder or subprocess_index_builder
         index_info = builder(tmp / ITEM_VECTORS, tmp / INDEX, index_kind, flat_threshold)
         say("computing popularity")
+        from tlsan.popularity import half_life_from_json
+
+        popularity_info = cold_start_half_life(info.meta, data_dir, half_life_days)
         popularity, reference = popularity_table(
-            pl.scan_parquet(data_dir / "events.parquet"), items, half_life_days=half_life_days
+            pl.scan_parquet(data_dir / "events.parquet"),
+            items,
+            half_life_days=half_life_from_json(popularity_info["half_life_days"]),
         )
         popularity.write_parquet(tmp / POPULARITY)
         files = {
@@ -312,6 +411,7 @@ def write_bundle(
             "format_version": BUNDLE_FORMAT_VERSION,
             "model_version": model_version or f"{kind}-{weights_hash[:12]}",
             "model": kind,
+            "run": run_summary(info.meta, metrics),
             "dataset_hash": data_manifest.get("dataset_hash"),
             "metrics": metrics,
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -329,7 +429,11 @@ def write_bundle(
             "item_vectors": {"rows": int(vectors.shape[0]), "dim": int(vectors.shape[1])},
             "index": index_info,
             "onnx": graph_info,
-            "popularity": {"half_life_days": half_life_days, "reference_time": reference},
+            "popularity": {
+                **popularity_info,
+                "reference_time": reference,
+                "events": "all events of the prepared dataset (known at export)",
+            },
             "files": files,
         }
         _write_json(tmp / MANIFEST, manifest)

@@ -92,7 +92,9 @@ class ModelConfig:
     blocks: int = 2  # (Ti)SASRec self-attention blocks (TLSAN always has the paper's one block)
     max_len: int = 50  # (Ti)SASRec: last max_len items of [long ; short]
     time_span: int = 256  # TiSASRec: intervals clip at k personal units (its paper's code: 256)
-    pop_half_life_days: float = 3650.0  # pop: an event's weight halves every this many days
+    # pop: an event's weight halves every this many days (inf: no decay); 0 = choose it on the
+    # validation split (tlsan/baselines.py, tlsan/popularity.py)
+    pop_half_life_days: float = 0.0
 
     def __post_init__(self) -> None:
         owner = "model"
@@ -101,9 +103,10 @@ class ModelConfig:
         for name in ("d_item", "d_cat", "heads", "long_window", "blocks", "max_len", "time_span"):
             _check_range(owner, name, getattr(self, name), 1, None)
         _check_range(owner, "dropout", self.dropout, 0.0, 0.95)
-        if self.pop_half_life_days <= 0:
+        if not self.pop_half_life_days >= 0:  # also refuses NaN
             raise ConfigError(
-                f"model.pop_half_life_days: expected a value > 0, got {self.pop_half_life_days!r}"
+                "model.pop_half_life_days: expected 0 (choose on validation) or a number of "
+                f"days > 0 (inf: no decay), got {self.pop_half_life_days!r}"
             )
         if self.kind != "pop" and self.dim % self.heads:
             raise ConfigError(

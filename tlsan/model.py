@@ -14,9 +14,6 @@ mean user embedding and the mean P over all known users), which is serving's col
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -43,10 +40,7 @@ class FeatureWiseAttention(nn.Module):
         self.map1 = linear(head_dim, head_dim)
         self.map2 = linear(head_dim, head_dim)
         self.dropout = nn.Dropout(dropout)
-        # True while exporting the ONNX graph: ONNX Runtime's Softmax over a non-last axis
-        # transposes twice and cost a quarter of a lone request's forward; max, exp and sum
-        # over the axis compute the same weights in ~40% less time (measured: 138 -> 100 us).
-        self.exporting = False
+        self.softmax = nn.Softmax(dim=1)  # over positions, separately for every feature
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         B, L, D = x.shape  # x (B, L, D), mask (B, L) bool
@@ -57,26 +51,8 @@ class FeatureWiseAttention(nn.Module):
         else:  # dropout is the identity: skip its module calls (serving's per-request cost)
             a = self.map2(F.relu(self.map1(xh)))
         a = a.masked_fill(~mask.view(B, L, 1, 1), NEG_INF)
-        if self.exporting:  # the same softmax in plain ops (see `exporting`)
-            e = torch.exp(a - a.amax(dim=1, keepdim=True))
-            weights = e / e.sum(dim=1, keepdim=True)
-        else:
-            weights = torch.softmax(a, dim=1)  # over positions, per feature
+        weights = self.softmax(a)  # (B, L, H, Dh)
         return (weights * xh).sum(1).reshape(B, D)  # (B, D)
-
-
-FROZEN_TABLE_BYTES = 256 << 20  # per table: larger catalogs/user bases keep the plain lookups
-
-
-@dataclass(frozen=True)
-class _FrozenTables:
-    """Lookup tables of a frozen TLSAN (see `TLSAN.freeze`); `None` = too large to copy."""
-
-    neutral_e_u: Tensor  # (d_item,) the mean of the known users' E_u rows
-    neutral_p: Tensor  # (Ls,) the mean of the known users' P rows
-    items: Tensor | None  # (N, D) item vectors x_i
-    e_u: Tensor | None  # (U, d_item) E_u with the neutral row in row 0
-    p: Tensor | None  # (U, Ls) P with the neutral row in row 0
 
 
 class TLSAN(VectorModel):
@@ -105,57 +81,16 @@ class TLSAN(VectorModel):
 
     def item_embed(self, items: Tensor) -> Tensor:
         # (...,) -> (..., D): x_i = [E_i[i] ; E_c[cat(i)]]
-        frozen = self.__dict__.get("_frozen")
-        if frozen is not None and frozen.items is not None:
-            return F.embedding(items, frozen.items)
         return torch.cat([self.E_i(items), self.E_c(self.item_category[items])], -1)
 
     def personal(self, user: Tensor) -> tuple[Tensor, Tensor]:
         """(E_u[user], P[user]); user 0 (unknown) gets the neutral rows at inference."""
-        frozen = self.__dict__.get("_frozen")
-        if frozen is not None and frozen.e_u is not None and frozen.p is not None:
-            return F.embedding(user, frozen.e_u), F.embedding(user, frozen.p)  # row 0 neutral
         e_u, p = self.E_u(user), self.P[user]  # (B, d_item), (B, Ls)
-        if frozen is not None:  # neutral rows precomputed; no host sync on `user`
-            unknown = (user == 0).unsqueeze(1)
-            return torch.where(unknown, frozen.neutral_e_u, e_u), torch.where(
-                unknown, frozen.neutral_p, p
-            )
         if not torch.is_grad_enabled() and bool((user == 0).any()):
             unknown = (user == 0).unsqueeze(1)
             e_u = torch.where(unknown, self.E_u.weight[1:].mean(0), e_u)
             p = torch.where(unknown, self.P[1:].mean(0), p)
         return e_u, p
-
-    @torch.no_grad()
-    def freeze(self, max_table_bytes: int = FROZEN_TABLE_BYTES) -> None:
-        """Serving mode, for a model whose weights no longer change: the neutral personal
-        rows are averaged once, the item table `[E_i ; E_c[cat]]` is gathered once, and the
-        user tables get the neutral rows in row 0. A request then costs one lookup per table
-        instead of a concatenation per item and an O(users) mean whenever an unknown user is
-        in the batch. A table over `max_table_bytes` is not copied (memory matters more at
-        that size) and keeps the plain lookups. Outputs are bit-identical to the unfrozen
-        model's; `train()`, `load_state_dict()` and `set_personal()` thaw it."""
-        self.eval()
-        neutral_e_u, neutral_p = self.E_u.weight[1:].mean(0), self.P[1:].mean(0)
-        n_items, n_users = self.b.shape[0], self.P.shape[0]
-        items = e_u = p = None
-        if n_items * self.dim * 4 <= max_table_bytes:
-            ids = torch.arange(n_items, device=self.b.device)
-            items = torch.cat([self.E_i(ids), self.E_c(self.item_category)], -1)
-        if n_users * (self.E_u.weight.shape[1] + self.P.shape[1]) * 4 <= max_table_bytes:
-            e_u, p = self.E_u.weight.clone(), self.P.detach().clone()
-            e_u[0], p[0] = neutral_e_u, neutral_p
-        self.__dict__["_frozen"] = _FrozenTables(neutral_e_u, neutral_p, items, e_u, p)
-
-    def train(self, mode: bool = True) -> TLSAN:
-        if mode:
-            self.__dict__.pop("_frozen", None)
-        return super().train(mode)
-
-    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
-        self.__dict__.pop("_frozen", None)  # new weights: the frozen tables would be stale
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def user_state(self, batch: Batch) -> Tensor:
         Ls = self.config.long_window

@@ -2,8 +2,12 @@
 
 Why: a lone request's model step is about 45 small tensor operations, and PyTorch's
 per-operation dispatch costs more than their arithmetic. ONNX Runtime runs the same graph,
-exported from the frozen model (`TLSAN.freeze`), with a fraction of that overhead; larger
-batches stay on PyTorch, whose kernels are the faster ones there (see `DEFAULT_MAX_BATCH`).
+exported from the model's inference form (`tlsan.frozen.FrozenTLSAN`), with a fraction of
+that overhead; larger batches stay on PyTorch, whose kernels are the faster ones there (see
+`DEFAULT_MAX_BATCH`). The feature-wise attention's softmax is exported as max, exp and sum
+(`PositionSoftmax`, swapped in for the export only): ONNX Runtime's Softmax over a non-last
+axis transposes twice and cost a quarter of a lone request's forward; the plain ops compute
+the same weights in ~40% less time (measured: 138 -> 100 us).
 
 The graph takes the padded arrays of a `tlsan.data.Batch` with the long-term window cut or
 left-padded to exactly `long_window` positions (the model looks at no more) and at least one
@@ -25,6 +29,7 @@ from torch import Tensor, nn
 
 from tlsan.data import Batch, right_aligned
 from tlsan.errors import GraphError
+from tlsan.frozen import FrozenTLSAN
 from tlsan.model import TLSAN, FeatureWiseAttention
 
 ONNX_FILE = "model.onnx"
@@ -85,6 +90,18 @@ def list_inputs(
     }
 
 
+class PositionSoftmax(nn.Module):
+    """`nn.Softmax(dim)` in plain ops (max, exp, sum): what the export puts in the graph."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, a: Tensor) -> Tensor:
+        e = torch.exp(a - a.amax(dim=self.dim, keepdim=True))
+        return e / e.sum(dim=self.dim, keepdim=True)
+
+
 class _UserVectors(nn.Module):
     """`model.user_vectors` over plain tensors (what the exporter traces)."""
 
@@ -138,12 +155,16 @@ def probe_batch(model: TLSAN, rows: int = 4, seed: int = 0) -> Batch:
 
 
 def export_user_vectors(model: TLSAN, path: Path) -> None:
-    """Write the frozen `model`'s user vectors as an ONNX graph (dynamic batch and session
-    length) to `path`. Freezes `model` (serving mode); raises `GraphError` on failure."""
+    """Write `model`'s user vectors (computed by its `FrozenTLSAN` form) as an ONNX graph with
+    dynamic batch and session length to `path`; `model` is left as it was. Raises
+    `GraphError` on failure."""
+    was_training = model.training
     model.eval()
-    model.freeze()
-    attentions = [m for m in model.modules() if isinstance(m, FeatureWiseAttention)]
-    example = probe_batch(model, rows=2)
+    frozen = model if isinstance(model, FrozenTLSAN) else FrozenTLSAN(model)
+    model.train(was_training)
+    attentions = [m for m in frozen.modules() if isinstance(m, FeatureWiseAttention)]
+    softmaxes = [m.softmax for m in attentions]
+    example = probe_batch(frozen, rows=2)
     inputs = graph_inputs(example, model.config.long_window)
     args = tuple(torch.from_numpy(inputs[name]) for name in INPUT_NAMES)
     batch, session = torch.export.Dim("batch"), torch.export.Dim("session")
@@ -152,13 +173,13 @@ def export_user_vectors(model: TLSAN, path: Path) -> None:
     levels = [logger.level for logger in quiet]
     try:
         for module in attentions:
-            module.exporting = True
+            module.softmax = PositionSoftmax(dim=1)
         for logger in quiet:
             logger.setLevel(logging.ERROR)
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                _UserVectors(model),
+                _UserVectors(frozen),
                 args,
                 input_names=list(INPUT_NAMES),
                 output_names=["user_vectors"],
@@ -175,8 +196,8 @@ def export_user_vectors(model: TLSAN, path: Path) -> None:
     except Exception as exc:  # the exporter raises many types
         raise GraphError(f"exporting the ONNX graph failed: {exc}") from exc
     finally:
-        for module in attentions:
-            module.exporting = False
+        for module, softmax in zip(attentions, softmaxes, strict=True):
+            module.softmax = softmax
         for logger, level in zip(quiet, levels, strict=True):
             logger.setLevel(level)
 

@@ -73,13 +73,25 @@ class SelfAttentionBlock(nn.Module):
         self.ff = FeedForward(dim, dropout)
         self.dropout = nn.Dropout(dropout)  # on residual branches (none on attention weights)
 
-    def forward(self, h: Tensor, bias: Tensor) -> Tensor:
-        B, T, D = h.shape  # h (B, T, D), bias (B, 1, T, T): 0 where allowed, -inf elsewhere
+    def _heads(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v (B, H, T, Dh) of the block's input h (B, T, D)."""
+        B, T, D = h.shape
         q, k, v = self.qkv(self.ln1(h)).split(D, dim=2)
         q, k, v = (t.view(B, T, self.heads, D // self.heads).transpose(1, 2) for t in (q, k, v))
+        return q, k, v
+
+    def forward(self, h: Tensor, bias: Tensor) -> Tensor:
+        B, T, D = h.shape  # h (B, T, D), bias (B, 1, T, T): 0 where allowed, -inf elsewhere
+        q, k, v = self._heads(h)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, H, T, Dh)
         h = h + self.dropout(self.proj(a.transpose(1, 2).reshape(B, T, D)))
         return self.ff(h)
+
+    def attention(self, h: Tensor, bias: Tensor) -> Tensor:
+        """(B, H, T, T) the attention weights `forward(h, bias)` applies (computed inside
+        scaled_dot_product_attention there): what explanations show."""
+        q, k, _ = self._heads(h)
+        return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + bias, dim=-1)
 
 
 class TimeIntervalBlock(nn.Module):
@@ -114,17 +126,46 @@ class TimeIntervalBlock(nn.Module):
         # time_k, time_v (K1, D)
         B, T, D = h.shape
         H, Dh = self.heads, D // self.heads
-        q, k, v = self.qkv(self.ln1(h)).split(D, dim=2)
-        q, k, v = (t.view(B, T, H, Dh).transpose(1, 2) for t in (q, k + pos_k, v + pos_v))
-        r_k = time_k.view(-1, H, Dh).transpose(0, 1)  # (H, K1, Dh)
-        r_v = time_v.view(-1, H, Dh).transpose(0, 1)
-        buckets = intervals.unsqueeze(1).expand(B, H, T, T)
-        logits = q @ k.transpose(-1, -2) + (q @ r_k.transpose(-1, -2)).gather(-1, buckets)
-        a = torch.softmax(logits / math.sqrt(Dh) + bias, dim=-1)  # (B, H, T, T)
-        per_bucket = a.new_zeros(B, H, T, r_k.shape[1]).scatter_add_(-1, buckets, a)
+        q, k, v = self._heads(h, pos_k, pos_v)
+        a, buckets = self._weights(q, k, bias, intervals, time_k)  # (B, H, T, T) each
+        r_v = time_v.view(-1, H, Dh).transpose(0, 1)  # (H, K1, Dh)
+        per_bucket = a.new_zeros(B, H, T, r_v.shape[1]).scatter_add_(-1, buckets, a)
         out = a @ v + per_bucket @ r_v  # (B, H, T, Dh)
         h = h + self.dropout(self.proj(out.transpose(1, 2).reshape(B, T, D)))
         return self.ff(h)
+
+    def _heads(self, h: Tensor, pos_k: Tensor, pos_v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k + P^K, v + P^V as (B, H, T, Dh)."""
+        B, T, D = h.shape
+        q, k, v = self.qkv(self.ln1(h)).split(D, dim=2)
+        H, Dh = self.heads, D // self.heads
+        q, k, v = (t.view(B, T, H, Dh).transpose(1, 2) for t in (q, k + pos_k, v + pos_v))
+        return q, k, v
+
+    def _weights(
+        self, q: Tensor, k: Tensor, bias: Tensor, intervals: Tensor, time_k: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The attention weights (B, H, T, T) and the interval bucket of every pair."""
+        B, H, T, Dh = q.shape
+        r_k = time_k.view(-1, H, Dh).transpose(0, 1)  # (H, K1, Dh)
+        buckets = intervals.unsqueeze(1).expand(B, H, T, T)
+        logits = q @ k.transpose(-1, -2) + (q @ r_k.transpose(-1, -2)).gather(-1, buckets)
+        return torch.softmax(logits / math.sqrt(Dh) + bias, dim=-1), buckets
+
+    def attention(
+        self,
+        h: Tensor,
+        bias: Tensor,
+        pos_k: Tensor,
+        pos_v: Tensor,
+        intervals: Tensor,
+        time_k: Tensor,
+        time_v: Tensor,
+    ) -> Tensor:
+        """(B, H, T, T) the attention weights `forward` (same arguments) applies: what
+        explanations show."""
+        q, k, _ = self._heads(h, pos_k, pos_v)
+        return self._weights(q, k, bias, intervals, time_k)[0]
 
 
 class SequenceModel(VectorModel):
@@ -180,7 +221,8 @@ class SequenceModel(VectorModel):
         itself, so no row is empty), -inf elsewhere."""
         T = mask.shape[1]
         allowed = (self.causal[:T, :T] & mask.unsqueeze(1)) | self.eye[:T, :T]
-        return torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf")).unsqueeze(1)
+        bias = torch.zeros(allowed.shape, device=mask.device)
+        return bias.masked_fill_(~allowed, float("-inf")).unsqueeze(1)
 
     def encode(self, items: Tensor, times: Tensor | None) -> Tensor:
         """(B, T, D) the output of every position (after the final LayerNorm)."""

@@ -63,7 +63,8 @@ def bce_loss(logits: Tensor) -> Tensor:
 
 def softmax_loss(logits: Tensor) -> Tensor:
     """Sampled softmax: cross-entropy of the positive (column 0) against its negatives."""
-    return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.int64))
+    labels = torch.zeros(logits.shape[0], dtype=torch.int64, device=logits.device)
+    return F.cross_entropy(logits, labels)
 
 
 LOSSES = {"bce": bce_loss, "softmax": softmax_loss}
@@ -181,7 +182,6 @@ class VectorModel(nn.Module):
     @torch.no_grad()
     def set_personal(self, users: Tensor, values: dict[str, Tensor]) -> None:
         """Write personal rows of `users` (shapes as returned by `get_personal`)."""
-        self.__dict__.pop("_frozen", None)  # a frozen model's tables would go stale
         state = self.state_dict(keep_vars=True)
         for name in self.personal_names:
             state[name].data[users] = values[name].to(state[name].dtype)

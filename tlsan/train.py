@@ -96,7 +96,8 @@ def set_threads(threads: int) -> None:
 def new_model(
     config: TrainConfig | ModelConfig, dataset: Dataset, *, seed: int | None = None
 ) -> nn.Module:
-    """A model for `dataset`: seeded initial weights; `pop` is fitted on the train split."""
+    """A model for `dataset`: seeded initial weights; `pop` is fitted on the train split
+    (its half-life chosen on the validation split when the config leaves it at 0)."""
     from tlsan.baselines import Pop
     from tlsan.models import build_model
 
@@ -106,8 +107,13 @@ def new_model(
     if seed is not None:
         torch.manual_seed(seed)
     model = build_model(model_config, dataset.sizes, dataset.item_category)
-    if isinstance(model, Pop):
-        model.fit(dataset)
+    if isinstance(model, Pop):  # a half-life of 0 is chosen on validation, by the run's metric
+        if isinstance(config, TrainConfig):
+            model.fit(
+                dataset, select_metric=config.select_metric, include_history=config.include_history
+            )
+        else:
+            model.fit(dataset)
     return model
 
 
@@ -259,6 +265,7 @@ def fit(
     evaluate_test: bool = True,
     tracking: TrackingOptions | None = None,
     context: distributed.Context | None = None,
+    run_meta: dict[str, Any] | None = None,
 ) -> FitResult:
     """Train `config` on `data` into the run dir `out_dir`; see the module docstring.
 
@@ -272,7 +279,8 @@ def fit(
     `context` (from `tlsan.distributed.session`) is this process's rank and device under
     torchrun: every rank trains on its share of each global batch, rank 0 alone evaluates,
     writes files and tracks, and `on_epoch` runs on every rank with rank 0's metrics.
-    None: one process on the CPU.
+    None: one process on the CPU. `run_meta` adds JSON fields to config.json (the CLI's
+    preset, for example).
     """
     began = time.perf_counter()
     ctx = context or distributed.single()
@@ -402,8 +410,9 @@ def fit(
         wall = time.perf_counter() - began
         valid_best: dict[str, float] = state["best_valid"]
         files = distributed.on_main(
-            ctx, _write_results, run_dir, config, dataset, model, state, valid_best, test, wall
-        )
+            ctx, _write_results, run_dir, config, dataset, model, state, valid_best, test, wall,
+            run_meta,
+        )  # fmt: skip
         version = distributed.on_main(ctx, tracker.finish, valid_best, test, run_dir, files)
     except BaseException as exc:
         tracker.end("FAILED" if isinstance(exc, Exception) and not _is_pruned(exc) else "KILLED")
@@ -470,13 +479,18 @@ def _write_results(
     valid: dict[str, float],
     test: dict[str, float] | None,
     wall: float,
+    run_meta: dict[str, Any] | None = None,
 ) -> list[str]:
     """The final files of a run (each via temp + rename); returns their names."""
     extra = {
+        **(run_meta or {}),
         "best_epoch": int(state["best_epoch"]),
         "epochs_trained": int(state["epoch"]),
         "select_metric": config.select_metric,
     }
+    popularity = getattr(model, "popularity_summary", None)  # pop: the half-life it used
+    if callable(popularity):
+        extra["popularity"] = popularity()
     write_tensors(run_dir / MODEL_FILE, model.state_dict())
     write_json(run_dir / CONFIG_FILE, run_config_dict(config, dataset, model, extra))
     write_json(run_dir / METRICS_FILE, {"valid": valid, "test": test})

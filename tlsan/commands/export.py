@@ -38,8 +38,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--popularity-half-life-days",
         type=float,
-        default=30.0,
-        help="recent popularity: event weight halves every N days before the log's end",
+        default=None,
+        metavar="N",
+        help="cold-start popularity (over every event of --data): an event's weight halves "
+        "every N days before the log's end (inf: no decay). Default: a pop run's own "
+        "half-life; for other runs, the half-life pop validates best with on --data's "
+        "validation split (the run's select metric)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument(
@@ -76,10 +80,11 @@ def run(args: argparse.Namespace) -> int:
 
     from tlsan.bundle import register_mlflow, save_to_bentoml, write_bundle
 
-    if not args.popularity_half_life_days > 0:
+    half_life = args.popularity_half_life_days
+    if half_life is not None and not half_life > 0:
         raise ConfigError(
-            f"--popularity-half-life-days: expected a positive number, got "
-            f"{args.popularity_half_life_days}"
+            f"--popularity-half-life-days: expected a positive number of days (inf: no "
+            f"decay), got {half_life}"
         )
     if args.flat_threshold < 1:
         raise ConfigError(f"--flat-threshold: expected an integer >= 1, got {args.flat_threshold}")
@@ -91,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         index_kind=args.index,
         flat_threshold=args.flat_threshold,
         model_version=args.version,
-        half_life_days=args.popularity_half_life_days,
+        half_life_days=half_life,
         overwrite=args.overwrite,
         onnx=not args.no_onnx,
         progress=lambda message: console.print(f"[green]•[/] {message}"),

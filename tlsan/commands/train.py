@@ -25,7 +25,10 @@ HYPER_FLAGS: dict[str, tuple[type, str]] = {
     "blocks": (int, "(Ti)SASRec: self-attention blocks"),
     "max_len": (int, "(Ti)SASRec: most recent items of [long ; short] it reads"),
     "time_span": (int, "TiSASRec: time intervals clip at this many personal units (k)"),
-    "pop_half_life_days": (float, "pop: popularity half-life in days"),
+    "pop_half_life_days": (
+        float,
+        "pop: popularity half-life in days (inf: no decay; 0, the default: chosen on validation)",
+    ),
     "optimizer": (str, "sgd | adam | adamw"),
     "lr": (float, "learning rate"),
     "weight_decay": (float, "optimizer weight decay (decoupled for adamw)"),
@@ -113,6 +116,16 @@ def resolve_config(args: argparse.Namespace) -> Any:
     return config.override(**flags)
 
 
+def recipe_of(config: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Where the config came from, for config.json (and the bundle, `GET /model`): the preset
+    and the fields that differ from it (a --config file or flags), plus the loss."""
+    from tlsan.config import preset
+
+    base = preset(args.preset, config.model.kind, catalog_size(args.data)).flat()
+    changed = sorted(k for k, v in config.flat().items() if base.get(k) != v)
+    return {"preset": args.preset, "changed": changed, "loss": config.loss}
+
+
 def catalog_size(data: Path) -> int | None:
     """Rows of the item table of the prepared dataset at `data` (None if its manifest cannot
     be read: loading the dataset reports that properly)."""
@@ -140,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
     from tlsan.train import fit
 
     config = resolve_config(args)
+    recipe = recipe_of(config, args)
     tracking = TrackingOptions(
         enabled=not args.no_mlflow,
         experiment=args.experiment,
@@ -156,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             tracking=tracking,
             context=context,
+            run_meta={"recipe": recipe},
         )
     if not args.quiet and context.is_main and result.leaky:
         _print_leaky(result, config.model.kind)
