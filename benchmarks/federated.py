@@ -12,21 +12,20 @@ later rounds gives rounds/s. Baseline in the same run: the same clients' local w
 device, set the global parameters, train one local epoch, save the personal rows) called
 in-process, one after another, without Flower or Ray.
 
-`quality` prepares Digital_Music from ../shared/data (preset paper), trains (a) centralized
-TLSAN with the default preset, then federates from scratch and evaluates (b) the federated
-global model with neutral personal parameters and (c) the same global model with each
-client's fine-tuned personal parameters. Its pass/fail key (`c_within_3pct_of_a_on_valid`)
-compares (c) with (a) on validation; test figures are read once, at the end, and reported. The server keeps the global model of the round
-with the best federated validation NDCG@10 and stops `--patience` rounds after it (not before
-round `--min-rounds`, 20: the score can sit at the popularity level for a while); one local
-epoch per round (the default) validated better than two (less client drift), and the personal
-rows learn at a quarter of the lr during the rounds (`--personal-lr-scale 0.25`, the default:
-they train in every round, far more epochs than central training gives them, and the final
-fine-tuning at the full lr personalizes them). `--select folded`
-picks the round and the fine-tuning epochs on the validation examples folded like test
-examples instead (`tlsan.federated.client.folded_split`; both curves are reported, and (a)'s
-folded validation too); `--session-fold` folds that share of the clients' training sessions.
-`--from-run` adds a federated run started from (a)'s run dir (its config, one local epoch per
+`quality` prepares Digital_Music from ../shared/data (preset paper; `--data` takes any prepared
+dataset), trains (a) centralized TLSAN with the default preset (`--central DIR` reuses a run
+dir of the same data and seed instead, `--keep-central DIR` keeps (a)'s), then federates from
+scratch with `tlsan federate`'s defaults (`tlsan.federated.defaults`; every flag of the recipe
+can be changed) and evaluates (b) the federated global model with neutral personal parameters
+and (c) the same global model with each client's fine-tuned personal parameters. Every choice
+is made on validation: the server keeps the round with the best federated validation NDCG@10,
+each device its fine-tuning epoch by its own validation examples, and the pass/fail key
+(`c_within_3pct_of_a_on_valid`) compares (c) with (a) on validation NDCG@10; test figures are
+read once, at the end, and only reported. With `--patience 0` every round runs and the report
+adds, for each stopping rule (patience 3/5/10, min rounds 0/10/20), the round it would have
+kept and that round's validation NDCG@10 (the rule only decides where the loop stops).
+`--session-fold` folds that share of the clients' training sessions. `--from-run` adds a
+federated run started from (a)'s run dir (its config, one local epoch per
 round). Prints one JSON document each (`--out` also writes it to a file, atomically).
 """
 

@@ -1037,3 +1037,34 @@ def test_defaults_from_scratch_are_the_federated_recipe(tmp_path: Path) -> None:
     assert clients_per_round(fixed, 17) == 3
     with pytest.raises(ConfigError, match="--train-fraction"):
         FederateOptions(data=tmp_path, out=tmp_path / "o", train_fraction=0.0)
+
+
+def test_cli_and_options_share_the_defaults_validation_chose(tmp_path: Path) -> None:
+    """`tlsan federate` without flags and `FederateOptions` without arguments run the same
+    recipe, the one chosen on the leak-free validation split (docs/experiments/federated.md,
+    "Re-measured on the leak-free split"): personal rows at the full lr during the rounds,
+    patience 5, no early stop before round 20, every client on the validation panel."""
+    from tlsan.cli import build_parser
+
+    args = build_parser("federate").parse_args(
+        ["federate", "--data", str(tmp_path), "--out", str(tmp_path / "o")]
+    )
+    options = FederateOptions(data=tmp_path, out=tmp_path / "o")
+    chosen = {
+        "rounds": 50,
+        "client_unit": "cohort:100",
+        "train_fraction": 0.35,
+        "local_epochs": 1,
+        "patience": 5,
+        "min_rounds": 20,
+        "personal_lr_scale": 1.0,
+        "personal_epochs": 10,
+        "eval_fraction": 1.0,
+        "lr_decay": 1.0,
+        "min_delta": 0.0,
+        "strategy": "fedavg",
+        "optimizer_state": "auto",
+    }
+    assert {name: getattr(args, name) for name in chosen} == chosen
+    assert {name: getattr(options, name) for name in chosen} == chosen
+    assert not hasattr(args, "select")  # folded validation is gone with the old split
