@@ -12,21 +12,20 @@ later rounds gives rounds/s. Baseline in the same run: the same clients' local w
 device, set the global parameters, train one local epoch, save the personal rows) called
 in-process, one after another, without Flower or Ray.
 
-`quality` prepares Digital_Music from ../shared/data (preset paper), trains (a) centralized
-TLSAN with the default preset, then federates from scratch and evaluates (b) the federated
-global model with neutral personal parameters and (c) the same global model with each
-client's fine-tuned personal parameters. Its pass/fail key (`c_within_3pct_of_a_on_valid`)
-compares (c) with (a) on validation; test figures are read once, at the end, and reported. The server keeps the global model of the round
-with the best federated validation NDCG@10 and stops `--patience` rounds after it (not before
-round `--min-rounds`, 20: the score can sit at the popularity level for a while); one local
-epoch per round (the default) validated better than two (less client drift), and the personal
-rows learn at a quarter of the lr during the rounds (`--personal-lr-scale 0.25`, the default:
-they train in every round, far more epochs than central training gives them, and the final
-fine-tuning at the full lr personalizes them). `--select folded`
-picks the round and the fine-tuning epochs on the validation examples folded like test
-examples instead (`tlsan.federated.client.folded_split`; both curves are reported, and (a)'s
-folded validation too); `--session-fold` folds that share of the clients' training sessions.
-`--from-run` adds a federated run started from (a)'s run dir (its config, one local epoch per
+`quality` prepares Digital_Music from ../shared/data (preset paper; `--data` takes any prepared
+dataset), trains (a) centralized TLSAN with the default preset (`--central DIR` reuses a run
+dir of the same data and seed instead, `--keep-central DIR` keeps (a)'s), then federates from
+scratch with `tlsan federate`'s defaults (`tlsan.federated.defaults`; every flag of the recipe
+can be changed) and evaluates (b) the federated global model with neutral personal parameters
+and (c) the same global model with each client's fine-tuned personal parameters. Every choice
+is made on validation: the server keeps the round with the best federated validation NDCG@10,
+each device its fine-tuning epoch by its own validation examples, and the pass/fail key
+(`c_within_3pct_of_a_on_valid`) compares (c) with (a) on validation NDCG@10; test figures are
+read once, at the end, and only reported. With `--patience 0` every round runs and the report
+adds, for each stopping rule (patience 3/5/10, min rounds 0/10/20), the round it would have
+kept and that round's validation NDCG@10 (the rule only decides where the loop stops).
+`--session-fold` folds that share of the clients' training sessions. `--from-run` adds a
+federated run started from (a)'s run dir (its config, one local epoch per
 round). Prints one JSON document each (`--out` also writes it to a file, atomically).
 """
 
@@ -47,6 +46,20 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" / "data" / "amazon"
+
+from tlsan.federated.defaults import (  # noqa: E402 (after the path, without torch)
+    DEFAULT_CLIENT_UNIT,
+    DEFAULT_EVAL_FRACTION,
+    DEFAULT_MIN_ROUNDS,
+    DEFAULT_PATIENCE,
+    DEFAULT_PERSONAL_EPOCHS,
+    DEFAULT_PERSONAL_LR_SCALE,
+    DEFAULT_ROUNDS,
+    DEFAULT_TRAIN_FRACTION,
+    FEDERATED_BATCH_SIZE,
+    FEDERATED_LR,
+)
+
 METRICS = ("ndcg@10", "hr@10", "auc", "paper_auc")
 
 
@@ -186,24 +199,53 @@ def _row(metrics: dict[str, float]) -> dict[str, float]:
     return {k: round(float(metrics[k]), 5) for k in METRICS}
 
 
-def _folded_valid_ndcg(run_dir: Path, data: Path) -> float:
-    """A run's NDCG@10 on the validation examples folded like test examples (for comparison
-    with the federated runs' folded validation)."""
+def _central(args: argparse.Namespace, config: Any, data: Path, tmp: Path) -> tuple[Path, dict]:
+    """(a): train TLSAN centrally on `data`, or reuse `--central` (a run dir of this mode or of
+    `tlsan train` on the same data, e.g. to sweep federated settings against one (a))."""
     from tlsan.data import load_dataset
-    from tlsan.evaluate import evaluate_model
-    from tlsan.federated.client import folded_split
-    from tlsan.run_dir import load_run
+    from tlsan.run_dir import check_same_dataset, read_metrics, read_run_info
+    from tlsan.train import fit
 
-    dataset = load_dataset(data)
-    model = load_run(run_dir, dataset).model
-    result = evaluate_model(model, folded_split(dataset.valid), ks=(10,))
-    return round(float(result.metrics["ndcg@10"]), 5)
+    began = time.perf_counter()
+    if args.central is not None:
+        info = read_run_info(args.central)
+        check_same_dataset(info, load_dataset(data), args.central)
+        metrics, run_dir = read_metrics(args.central), Path(args.central)
+        valid, test = metrics["valid"], metrics["test"]
+    else:
+        run_dir = args.keep_central or tmp / "central"
+        central = fit(config, data, run_dir, mlflow=False, progress=False)
+        assert central.test is not None
+        valid, test = central.valid, central.test
+    row = {
+        **_row(test),
+        "valid_ndcg@10": round(float(valid["ndcg@10"]), 5),
+        "run_dir": str(run_dir) if args.central or args.keep_central else None,
+        "wall_seconds": None if args.central else round(time.perf_counter() - began, 1),
+    }
+    return run_dir, row
+
+
+def _stopping_rules(curve: list[float], best_round: int) -> dict[str, Any]:
+    """For a run with `--patience 0` (every round run): the round each (patience, min rounds)
+    rule would have kept and that round's federated validation NDCG@10 (the rule decides
+    only where the loop stops; the rounds before are the same)."""
+    rules = {}
+    for patience in (3, 5, 10):
+        for min_rounds in (0, 10, 20):
+            kept, last = _chosen_round(curve, patience, min_rounds)
+            rules[f"patience{patience}_min{min_rounds}"] = {
+                "kept_round": kept,
+                "rounds_run": last,
+                "valid_ndcg@10": round(curve[kept], 5),
+            }
+    rules["all_rounds"] = {"kept_round": best_round, "valid_ndcg@10": round(max(curve), 5)}
+    return rules
 
 
 def quality(args: argparse.Namespace) -> dict[str, Any]:
     from tlsan.config import default_config
     from tlsan.federated.run import FederateOptions, federate
-    from tlsan.train import fit
 
     config = default_config("tlsan").override(threads=1, seed=args.seed)
     fed_config = config.override(
@@ -218,20 +260,13 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         data = args.data or _prepare_digital_music(tmp)
-        began = time.perf_counter()
-        central = fit(config, data, tmp / "central", mlflow=False, progress=False)
-        assert central.test is not None
-        table["a_central"] = {
-            **_row(central.test),
-            "valid_ndcg@10": round(float(central.valid["ndcg@10"]), 5) if central.valid else None,
-            "folded_valid_ndcg@10": _folded_valid_ndcg(central.run_dir, data),
-            "wall_seconds": time.perf_counter() - began,
-        }
+        central_dir, table["a_central"] = _central(args, config, data, tmp)
         options = FederateOptions(
             data=data,
             out=tmp / "federated",
             rounds=args.rounds,
             clients_per_round=args.clients_per_round,
+            train_fraction=args.train_fraction,
             config=fed_config,
             local_epochs=args.local_epochs,
             client_unit=args.client_unit,
@@ -245,20 +280,23 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
             patience=args.patience,
             min_rounds=args.min_rounds,
             lr_decay=args.lr_decay,
-            select=args.select,
+            eval_fraction=args.eval_fraction,
             mlflow=False,
             progress=not args.quiet,
         )
         runs = [("scratch", options)]
         if args.from_run:
+            from tlsan.run_dir import read_run_info
+
+            central_config = read_run_info(central_dir).config
             runs.append(
                 (
                     "from_run",
                     replace(
                         options,
                         out=tmp / "federated-from-run",
-                        run=central.run_dir,
-                        config=central.config.override(batch_size=args.batch_size),
+                        run=central_dir,
+                        config=central_config.override(batch_size=args.batch_size),
                         rounds=args.from_run_rounds,
                         local_epochs=1,
                     ),
@@ -266,40 +304,45 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
             )
         for name, opts in runs:
             result = federate(opts)
-            table[f"b_federated_neutral_{name}"] = _row(result.neutral_test)
+            table[f"b_federated_neutral_{name}"] = {
+                **_row(result.neutral_test),
+                "valid_ndcg@10": round(result.neutral_valid["ndcg@10"], 5),
+            }
             table[f"c_federated_personal_{name}"] = {
                 **_row(result.test),
-                "wall_seconds": result.wall_s,
+                "valid_ndcg@10": round(result.valid["ndcg@10"], 5),
+                "wall_seconds": round(result.wall_s, 1),
                 "rounds": opts.rounds,
             }
             # pass/fail on validation (the central run's and the federated model's valid
             # NDCG@10, both scored centrally on the valid split); test is only reported
             a_valid = table["a_central"]["valid_ndcg@10"]
+            b_valid = result.neutral_valid["ndcg@10"]
             c_valid = result.valid["ndcg@10"]
             a, b, c = (
                 table["a_central"]["ndcg@10"],
                 result.neutral_test["ndcg@10"],
                 result.test["ndcg@10"],
             )
+            curve = [r.valid.get("ndcg@10", float("nan")) for r in result.rounds]
+            start = result.wire.rounds[0].valid.get("ndcg@10", float("nan"))
             table[f"summary_{name}"] = {
                 "c_vs_a_valid_ndcg@10_relative": round(c_valid / a_valid - 1.0, 4),
+                "c_vs_b_valid_ndcg@10_relative": round(c_valid / b_valid - 1.0, 4),
                 "c_within_3pct_of_a_on_valid": c_valid >= 0.97 * a_valid,
                 "reported_c_vs_a_test_ndcg@10_relative": round(c / a - 1.0, 4),
                 "reported_c_vs_b_test_ndcg@10_relative": round(c / b - 1.0, 4),
                 "best_round": result.best_round,
                 "rounds_run": len(result.rounds),
-                "c_valid_ndcg@10": round(result.valid["ndcg@10"], 5),
-                "b_valid_ndcg@10": round(result.neutral_valid["ndcg@10"], 5),
                 "personalization": {k: round(v, 5) for k, v in result.personalization.items()},
-                "valid_ndcg@10_per_round": [
-                    round(r.valid.get("ndcg@10", float("nan")), 5) for r in result.rounds
-                ],
-                "folded_valid_ndcg@10_per_round": [
-                    round(r.valid.get("folded-ndcg@10", float("nan")), 5) for r in result.rounds
-                ],
+                "valid_ndcg@10_per_round": [round(v, 5) for v in [start, *curve]],
             }
+            if opts.patience == 0:
+                table[f"summary_{name}"]["stopping_rules"] = _stopping_rules(
+                    [start, *curve], result.best_round
+                )
     return {
-        "dataset": "Digital_Music (preset paper)",
+        "dataset": str(args.data or "Digital_Music (preset paper)"),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "table": table,
     }
@@ -563,24 +606,28 @@ def main() -> None:
     s.add_argument("--seed", type=int, default=0)
     q = sub.add_parser("quality")
     q.add_argument("--data", type=Path, help="prepared Digital_Music (default: prepare it)")
-    q.add_argument("--rounds", type=int, default=50)
-    q.add_argument("--clients-per-round", type=int, default=17)
-    q.add_argument("--client-unit", default="cohort:100")
+    q.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS)
+    q.add_argument("--clients-per-round", type=int, help="default: --train-fraction of the clients")
+    q.add_argument("--train-fraction", type=float, default=DEFAULT_TRAIN_FRACTION)
+    q.add_argument("--client-unit", default=DEFAULT_CLIENT_UNIT)
+    q.add_argument("--eval-fraction", type=float, default=DEFAULT_EVAL_FRACTION)
     q.add_argument("--local-epochs", type=int, default=1)
-    q.add_argument("--batch-size", type=int, default=64)
-    q.add_argument("--lr", type=float, default=2e-3)
-    q.add_argument("--personal-epochs", type=int, default=10)
+    q.add_argument("--batch-size", type=int, default=FEDERATED_BATCH_SIZE)
+    q.add_argument("--lr", type=float, default=FEDERATED_LR)
+    q.add_argument("--personal-epochs", type=int, default=DEFAULT_PERSONAL_EPOCHS)
     q.add_argument("--personal-lr", type=float, help="fine-tuning lr (default: --lr)")
-    q.add_argument("--personal-lr-scale", type=float, default=0.25)
-    q.add_argument("--patience", type=int, default=5, help="rounds without improvement")
-    q.add_argument("--min-rounds", type=int, default=20, help="no early stop before this round")
-    q.add_argument("--lr-decay", type=float, default=1.0, help="lr factor after a bad round")
+    q.add_argument("--personal-lr-scale", type=float, default=DEFAULT_PERSONAL_LR_SCALE)
     q.add_argument(
-        "--select",
-        choices=["valid", "folded"],
-        default="valid",
-        help="validation examples that pick the round and the fine-tuning epochs",
+        "--patience",
+        type=int,
+        default=DEFAULT_PATIENCE,
+        help="rounds without improvement (0: run every round and report what each stopping "
+        "rule would have kept)",
     )
+    q.add_argument(
+        "--min-rounds", type=int, default=DEFAULT_MIN_ROUNDS, help="no early stop before this"
+    )
+    q.add_argument("--lr-decay", type=float, default=1.0, help="lr factor after a bad round")
     q.add_argument(
         "--session-fold",
         type=float,
@@ -597,6 +644,10 @@ def main() -> None:
     q.add_argument("--server-momentum", type=float, default=0.9, help="fedavgm")
     q.add_argument("--from-run", action="store_true", help="also federate from (a)'s run")
     q.add_argument("--from-run-rounds", type=int, default=10)
+    q.add_argument(
+        "--central", type=Path, help="reuse this central run dir (same data and seed) as (a)"
+    )
+    q.add_argument("--keep-central", type=Path, help="write (a)'s run dir here (to reuse)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--quiet", action="store_true")
     pn = sub.add_parser("panel", help="validation panel share: noise of the round choice vs time")

@@ -30,7 +30,7 @@ from tlsan.config import default_config
 from tlsan.data import load_dataset
 from tlsan.errors import ConfigError, RunError
 from tlsan.federated import optimizer_state
-from tlsan.federated.client import VALID_KEYS, folded_split, global_names, local_epochs
+from tlsan.federated.client import VALID_KEYS, global_names, local_epochs
 from tlsan.federated.optimizer_state import STEP
 from tlsan.federated.partition import (
     assign_clients,
@@ -162,9 +162,9 @@ def _matches_any_row(array: np.ndarray, rows: np.ndarray) -> bool:
     return bool((diff < 1e-6).any())
 
 
-def _clients_valid_ndcg(run_dir: Path, data: Path, *, folded: bool) -> float:
+def _clients_valid_ndcg(run_dir: Path, data: Path) -> float:
     """NDCG@10 of a run dir's model on the validation examples of the users that are some
-    client's (those with training examples), scored centrally, as given or folded."""
+    client's (those with training examples), scored centrally."""
     from tlsan.evaluate import evaluate_model
 
     dataset = load_dataset(data)
@@ -172,7 +172,6 @@ def _clients_valid_ndcg(run_dir: Path, data: Path, *, folded: bool) -> float:
     clients = torch.unique(dataset.train.arrays.user)
     rows = torch.nonzero(torch.isin(dataset.valid.arrays.user, clients)).flatten()
     split = dataset.subset("valid", rows)
-    split = folded_split(split) if folded else split
     return float(evaluate_model(model, split, ks=(10,)).metrics["ndcg@10"])
 
 
@@ -231,6 +230,9 @@ def test_server_receives_no_event_no_user_id_and_no_personal_parameter(
     for reply in others:  # evaluation and personalization: a few scalars, no arrays
         assert not reply.arrays and not reply.configs
         assert all(isinstance(v, int | float) for v in reply.metrics.values())
+    evaluations = [r for r in others if r.kind == "evaluate"]
+    expected = {f"metrics/{key}" for key in (WEIGHT_KEY, *VALID_KEYS)}
+    assert evaluations and all(set(r.metrics) == expected for r in evaluations)
     # the audit can fail: the personal tables themselves would be caught by each check
     assert _matches_any_row(model.state_dict()["E_u.weight"][1:].numpy(), personal["E_u.weight"])
     assert model.state_dict()["P"].shape[0] == n_users
@@ -333,7 +335,7 @@ def test_run_dir_holds_the_selected_global_model_and_the_devices_rows(
     assert personal["valid-ndcg@10-before"] == pytest.approx(values[best], rel=1e-5)
     # the rows the devices kept are the ones that scored "after" on their own validation
     # examples: the run dir's model, scored centrally on the clients' users, agrees
-    after = _clients_valid_ndcg(result.run_dir, tiny_data, folded=False)
+    after = _clients_valid_ndcg(result.run_dir, tiny_data)
     assert personal["valid-ndcg@10-after"] == pytest.approx(after, rel=1e-5)
     assert 0 <= personal["personal-epoch"] <= fedavg.options.personal_epochs
 
@@ -342,7 +344,9 @@ def test_run_dir_holds_the_selected_global_model_and_the_devices_rows(
 def test_patience_stops_after_rounds_without_improvement(tmp_path: Path, tiny_data: Path) -> None:
     """The loop stops `patience` rounds after the best one (or at the last round) and the
     kept global model is the best round's, not the last one's."""
-    sim = _simulate(tmp_path, tiny_data, rounds=6, patience=1, personal_epochs=1, mlflow=False)
+    sim = _simulate(
+        tmp_path, tiny_data, rounds=6, patience=1, min_rounds=0, personal_epochs=1, mlflow=False
+    )
     federated = json.loads((sim.result.run_dir / "federated.json").read_text())
     best, run = federated["best_round"], federated["rounds_run"]
     assert run == min(6, best + 1)
@@ -403,94 +407,25 @@ def test_lr_decay_scales_the_clients_steps_after_rounds_without_improvement(
 
 
 @pytest.mark.slow
-def test_select_folded_picks_the_round_on_folded_validation(
-    tmp_path: Path, tiny_data: Path
-) -> None:
-    """`select="folded"` (`--select folded`) keeps the round that scores best on the folded
-    validation examples; clients report plain and folded metrics; `session_fold` reaches the
-    clients' training config."""
-    sim = _simulate(
-        tmp_path,
-        tiny_data,
-        rounds=3,
-        select="folded",
-        config=CONFIG.override(session_fold=0.5),
-        personal_epochs=2,
-        mlflow=False,
-    )
-    federated = json.loads((sim.result.run_dir / "federated.json").read_text())
-    assert federated["settings"]["select"] == "folded"
-    best = federated["best_round"]
-    folded = {r["round"]: r["valid"]["folded-ndcg@10"] for r in federated["rounds"]}
-    assert folded[best] == max(folded.values())
-    # every round's figures are the example-weighted means of what the clients reported,
-    # plain and folded alike (two separate scorings: they differ somewhere)
-    for r in federated["rounds"]:
-        for key, name in (("valid-ndcg@10", "ndcg@10"), ("valid-folded-ndcg@10", "folded-ndcg@10")):
-            assert r["valid"][name] == pytest.approx(
-                _weighted_round_metric(sim, r["round"], key), rel=1e-9
-            )
-    assert any(r["valid"]["ndcg@10"] != r["valid"]["folded-ndcg@10"] for r in federated["rounds"])
-    chosen = sim.wire.sent_arrays[(4, "train.personalize")]
-    evaluated = sim.wire.sent_arrays[(best, "evaluate")]
-    assert all(np.array_equal(chosen[k], evaluated[k]) for k in chosen)
-    expected = {f"metrics/{key}" for key in (WEIGHT_KEY, *VALID_KEYS)}
-    evaluations = [r for r in sim.wire.received if r.kind == "evaluate"]
-    assert evaluations and all(set(r.metrics) == expected for r in evaluations)
-    config = json.loads((sim.result.run_dir / "config.json").read_text())
-    assert config["config"]["session_fold"] == 0.5
-    # the devices chose their fine-tuning epochs on folded validation too: "before" is the
-    # chosen round's folded score, "after" what the kept rows score folded, centrally
-    personal = sim.result.personalization
-    assert personal["valid-ndcg@10-before"] == pytest.approx(folded[best], rel=1e-5)
-    after = _clients_valid_ndcg(sim.result.run_dir, tiny_data, folded=True)
-    assert personal["valid-ndcg@10-after"] == pytest.approx(after, rel=1e-5)
-
-
-@pytest.mark.slow
-def test_cli_select_folded_and_session_fold_reach_the_run(tiny_data: Path, tmp_path: Path) -> None:
+def test_cli_flags_reach_the_run(tiny_data: Path, tmp_path: Path) -> None:
     config = tmp_path / "config.json"
     config.write_text(json.dumps(CONFIG.to_dict()))
     out = tmp_path / "run"
     code = main(
         ["federate", "--data", str(tiny_data), "--out", str(out), "--rounds", "2",
          "--clients-per-round", "2", "--client-unit", "cohort:10", "--config", str(config),
-         "--select", "folded", "--session-fold", "0.25", "--personal-epochs", "1",
+         "--session-fold", "0.25", "--personal-epochs", "1",
          "--optimizer-state", "local", "--min-rounds", "7", "--personal-lr-scale", "0.5",
          "--no-mlflow", "--no-progress"]
     )  # fmt: skip
     assert code == 0
     federated = json.loads((out / "federated.json").read_text())
-    assert federated["settings"]["select"] == "folded"
     assert federated["settings"]["min_rounds"] == 7
     assert federated["settings"]["personal_lr_scale"] == 0.5
     assert federated["settings"]["optimizer_state"] == "local"
-    folded = {r["round"]: r["valid"]["folded-ndcg@10"] for r in federated["rounds"]}
-    assert folded[federated["best_round"]] == max(folded.values())
+    values = {r["round"]: r["valid"]["ndcg@10"] for r in federated["rounds"]}
+    assert values[federated["best_round"]] == max(values.values())
     assert json.loads((out / "config.json").read_text())["config"]["session_fold"] == 0.25
-
-
-def test_folded_split_moves_the_session_into_long_term_and_keeps_it_seen(
-    tiny_data: Path,
-) -> None:
-    valid = load_dataset(tiny_data).valid
-    folded = folded_split(valid)
-    assert len(folded) == len(valid) and bool((folded.arrays.short_items == 0).all())
-    assert torch.equal(folded.arrays.target, valid.arrays.target)
-    with_session = torch.nonzero((valid.arrays.short_items > 0).any(1)).flatten()
-    assert with_session.numel() > 0
-    for row in with_session.tolist():
-        short = valid.arrays.short_items[row]
-        short = short[short > 0]
-        n = short.numel()
-        assert folded.arrays.long_items[row, -n:].tolist() == short.tolist()
-        assert bool((folded.arrays.long_tau[row, -n:] == 1.0).all())
-    rows = torch.arange(len(valid))
-    items = torch.arange(valid.n_items).expand(len(valid), -1)
-    assert torch.equal(folded.seen_mask(rows, items), valid.seen_mask(rows, items))
-    with pytest.raises(ConfigError, match="--select"):
-        FederateOptions(data=tiny_data, out=tiny_data / "o", rounds=1, clients_per_round=1,
-                        select="test")  # fmt: skip
 
 
 @pytest.mark.slow
@@ -1102,3 +1037,34 @@ def test_defaults_from_scratch_are_the_federated_recipe(tmp_path: Path) -> None:
     assert clients_per_round(fixed, 17) == 3
     with pytest.raises(ConfigError, match="--train-fraction"):
         FederateOptions(data=tmp_path, out=tmp_path / "o", train_fraction=0.0)
+
+
+def test_cli_and_options_share_the_defaults_validation_chose(tmp_path: Path) -> None:
+    """`tlsan federate` without flags and `FederateOptions` without arguments run the same
+    recipe, the one chosen on the leak-free validation split (docs/experiments/federated.md,
+    "Re-measured on the leak-free split"): personal rows at the full lr during the rounds,
+    patience 5, no early stop before round 20, every client on the validation panel."""
+    from tlsan.cli import build_parser
+
+    args = build_parser("federate").parse_args(
+        ["federate", "--data", str(tmp_path), "--out", str(tmp_path / "o")]
+    )
+    options = FederateOptions(data=tmp_path, out=tmp_path / "o")
+    chosen = {
+        "rounds": 50,
+        "client_unit": "cohort:100",
+        "train_fraction": 0.35,
+        "local_epochs": 1,
+        "patience": 5,
+        "min_rounds": 20,
+        "personal_lr_scale": 1.0,
+        "personal_epochs": 10,
+        "eval_fraction": 1.0,
+        "lr_decay": 1.0,
+        "min_delta": 0.0,
+        "strategy": "fedavg",
+        "optimizer_state": "auto",
+    }
+    assert {name: getattr(args, name) for name in chosen} == chosen
+    assert {name: getattr(options, name) for name in chosen} == chosen
+    assert not hasattr(args, "select")  # folded validation is gone with the old split

@@ -17,6 +17,10 @@ from tlsan.errors import ConfigError
 from tlsan.federated.defaults import (
     DEFAULT_CLIENT_UNIT,
     DEFAULT_EVAL_FRACTION,
+    DEFAULT_MIN_ROUNDS,
+    DEFAULT_PATIENCE,
+    DEFAULT_PERSONAL_EPOCHS,
+    DEFAULT_PERSONAL_LR_SCALE,
     DEFAULT_ROUNDS,
     DEFAULT_TRAIN_FRACTION,
     FEDERATED_BATCH_SIZE,
@@ -116,16 +120,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--patience",
         type=int,
-        default=5,
+        default=DEFAULT_PATIENCE,
         help="stop after this many rounds without federated validation improvement (0 = never); "
-        "the global model of the best round is kept either way (5)",
+        f"the global model of the best round is kept either way ({DEFAULT_PATIENCE})",
     )
     p.add_argument(
         "--min-rounds",
         type=int,
-        default=20,
-        help="no early stop before this round: from scratch the validation score can sit at "
-        "the popularity level for several rounds before the model learns the sequences (20)",
+        default=DEFAULT_MIN_ROUNDS,
+        help="no early stop before this round: from scratch the validation score sits at the "
+        "popularity level for several rounds before the model learns the sequences "
+        f"({DEFAULT_MIN_ROUNDS})",
     )
     p.add_argument(
         "--lr-decay",
@@ -143,27 +148,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         "kept round is the best one either way (0)",
     )
     p.add_argument(
-        "--select",
-        choices=("valid", "folded"),
-        default="valid",
-        help="validation examples that pick the round and each device's fine-tuning epoch: "
-        "as given, or folded (the current session moved into the long-term history, as in "
-        "most paper-split test examples) (valid)",
-    )
-    p.add_argument(
         "--personal-lr-scale",
         type=float,
-        default=0.25,
-        help="learning-rate multiplier of the personal parameters during the rounds: they "
-        "train in every round their device joins, many more epochs than central training "
-        "gives them (1 = as the global ones; 0 = frozen until the final fine-tuning) (0.25)",
+        default=DEFAULT_PERSONAL_LR_SCALE,
+        help="learning-rate multiplier of the personal parameters during the rounds (1 = as "
+        f"the global ones; 0 = frozen until the final fine-tuning) ({DEFAULT_PERSONAL_LR_SCALE:g})",
     )
     p.add_argument(
         "--personal-epochs",
         type=int,
-        default=10,
+        default=DEFAULT_PERSONAL_EPOCHS,
         help="final per-client fine-tuning epochs (each device keeps its best by its own "
-        "validation examples)",
+        f"validation examples) ({DEFAULT_PERSONAL_EPOCHS})",
     )
     p.add_argument("--personal-lr", type=float, help="fine-tuning learning rate (default: --lr)")
     p.add_argument(
@@ -269,7 +265,6 @@ def run(args: argparse.Namespace) -> int:
         min_rounds=args.min_rounds,
         lr_decay=args.lr_decay,
         min_delta=args.min_delta,
-        select=args.select,
         personal_lr_scale=args.personal_lr_scale,
         optimizer_state=args.optimizer_state,
         personal_epochs=args.personal_epochs,

@@ -10,14 +10,14 @@ examples and its personal parameters. Per message it
   also carries the global parameters' moments (`tlsan.federated.optimizer_state`), while the
   personal rows' moments stay on the device from round to round, as their rows do;
 - `evaluate`: scores its own validation examples with the global parameters and its personal
-  rows (full ranking, history excluded), as given and folded (`folded_split`: the current
-  session moved into the long-term history, as in most test examples), and replies with
-  metrics only;
+  rows (full ranking, history excluded) and replies with metrics only (the validation
+  examples are built like the test examples, one session earlier: DESIGN.md, "Validation and
+  leakage");
 - `train.personalize`: puts back its personal rows as they were after the server's chosen
   round (`best-round`; the device snapshots them after every training round, keeping only
   what that choice can still need), freezes the global parameters, fine-tunes only its
   personal rows for up to `personal-epochs`, keeps the epoch that scores best on its own
-  (plain or folded) validation examples (on disk) and replies with metrics only.
+  validation examples (on disk) and replies with metrics only.
 
 Which directory: `node_config["device-dir"]` on a real device (`flower-supernode
 --node-config "device-dir='...'"`); in simulation the directory of `partition-id` under the
@@ -49,14 +49,10 @@ if TYPE_CHECKING:
     from torch import Tensor, nn
 
     from tlsan.config import TrainConfig
-    from tlsan.data import Dataset, Split
+    from tlsan.data import Dataset
 
 DP_DELTA = 1e-5  # delta of the per-round Gaussian mechanism for local DP
-VALID_KEYS: tuple[str, ...] = tuple(
-    f"{prefix}-{metric}"
-    for prefix in ("valid", "valid-folded")
-    for metric in ("ndcg@10", "hr@10", "auc")
-)
+VALID_KEYS: tuple[str, ...] = ("valid-ndcg@10", "valid-hr@10", "valid-auc")
 
 
 @dataclass(frozen=True)
@@ -240,63 +236,17 @@ def local_epochs(
     return total / max(seen, 1), seen
 
 
-def folded_split(split: Split) -> Split:
-    """`split` with every example's current session moved into its long-term history (time
-    feature 1, as `tlsan.data.fold_sessions`), those items still excluded from the ranking.
-
-    Paper-split validation examples always have a current session, while most test examples
-    have none (Digital_Music: 83.5%; the previous session is long-term history by then, and for
-    91% of users the validation target is the test target). Folded validation examples are
-    built like those test examples, from validation data only, except for time: the folded
-    session is one day old (tau 1), while in a test example it is as old as the gap to the
-    test session. Plain validation cannot see a model that fails without a current session
-    (FedAvgM on Digital_Music: validation 0.097, folded 0.050, test 0.066); folded validation
-    in turn overrates a model trained on folded sessions (`session_fold` 0.5: folded 0.087,
-    test 0.074)."""
-    import dataclasses
-
-    import torch
-
-    from tlsan.data import fold_sessions
-
-    arrays = split.arrays
-    folded = fold_sessions(arrays.batch(), torch.ones(len(arrays), dtype=torch.bool))
-    moved = (arrays.short_items > 0).sum(1).to(arrays.history_end.dtype)
-    return dataclasses.replace(
-        split,
-        name=f"{split.name}-folded",
-        arrays=dataclasses.replace(
-            arrays,
-            long_items=folded.long_items,
-            long_tau=folded.long_tau,
-            short_items=folded.short_items,
-            history_end=arrays.history_end + moved,  # the session's events stay "seen"
-        ),
-    )
-
-
-def evaluate_device(
-    model: nn.Module,
-    dataset: Dataset,
-    config: TrainConfig,
-    prefixes: tuple[str, ...] = ("valid", "valid-folded"),
-) -> dict[str, float]:
-    """hr@10, ndcg@10 and auc on the device's validation examples (mean over them), as given
-    (`valid-*`) and folded (`valid-folded-*`, see `folded_split`); `prefixes` picks which."""
+def evaluate_device(model: nn.Module, dataset: Dataset, config: TrainConfig) -> dict[str, float]:
+    """`valid-ndcg@10`, `valid-hr@10` and `valid-auc` on the device's validation examples
+    (mean over them; zeros for a device without any)."""
     from tlsan.evaluate import evaluate_model
 
     if len(dataset.valid) == 0:
-        return {key: 0.0 for key in VALID_KEYS if key.rsplit("-", 1)[0] in prefixes}
-    splits = {"valid": lambda: dataset.valid, "valid-folded": lambda: folded_split(dataset.valid)}
-    out: dict[str, float] = {}
-    for prefix in prefixes:
-        split = splits[prefix]()
-        result = evaluate_model(
-            model, split, ks=(10,), batch_size=config.eval_batch_size, paper_seed=config.seed
-        )
-        for metric in ("ndcg@10", "hr@10", "auc"):
-            out[f"{prefix}-{metric}"] = result.metrics[metric]
-    return out
+        return dict.fromkeys(VALID_KEYS, 0.0)
+    result = evaluate_model(
+        model, dataset.valid, ks=(10,), batch_size=config.eval_batch_size, paper_seed=config.seed
+    )
+    return {f"valid-{metric}": result.metrics[metric] for metric in ("ndcg@10", "hr@10", "auc")}
 
 
 # -- one message ---------------------------------------------------------------------------
@@ -451,8 +401,7 @@ def handle_evaluate(msg: Message, context: Context, settings: ClientSettings) ->
 def handle_personalize(msg: Message, context: Context, settings: ClientSettings) -> Message:
     """Fine-tune only the personal rows against the final global parameters and keep the
     epoch (0 = no fine-tuning) that scores best on the device's own validation examples
-    (ndcg@10, ties broken by auc; plain or folded as the config's `select` says): the
-    device's own checkpoint selection. `valid-ndcg@10-before/after` report that score."""
+    (ndcg@10, ties broken by auc): the device's own checkpoint selection. `valid-ndcg@10-before/after` report that score."""
     from flwr.app import Message, MetricRecord, RecordDict
 
     from tlsan.federated.personal import restore_personal
@@ -466,11 +415,9 @@ def handle_personalize(msg: Message, context: Context, settings: ClientSettings)
     model = state.model
     personal = set(model.personal_parameter_names())
 
-    prefix = str(config_record.get("select", "valid"))  # valid | valid-folded
-
-    def score() -> tuple[float, float]:  # only the variant that chooses
-        metrics = evaluate_device(model, state.dataset, state.config, (prefix,))
-        return metrics[f"{prefix}-ndcg@10"], metrics[f"{prefix}-auc"]
+    def score() -> tuple[float, float]:
+        metrics = evaluate_device(model, state.dataset, state.config)
+        return metrics["valid-ndcg@10"], metrics["valid-auc"]
 
     before = score()
     best = {"score": before, "epoch": 0, "rows": model.get_personal(state.users)}

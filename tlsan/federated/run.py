@@ -10,9 +10,8 @@
 2. Rounds (`run_local`): `flwr run` of the Flower app (`tlsan.federated.app`) against a
    private SuperLink in simulation mode: the ServerApp runs the strategy over the *global*
    parameters (and, with `--optimizer-state` shared, their Adam moments) for R rounds (C
-   clients each, E local epochs, validation after every round on a fixed panel of clients:
-   the validation examples as given and folded like test examples, `select` says which picks
-   the round), then sends that round's global parameters to every client to fine-tune its
+   clients each, E local epochs, validation after every round on a fixed panel of clients,
+   whose validation NDCG@10 picks the round), then sends that round's global parameters to every client to fine-tune its
    personal rows. On real devices the same app runs under a SuperLink and SuperNodes instead
    (`tlsan federate --setup-only`, `flwr run`, `tlsan federate --collect`; see README).
 3. Collect (`collect_federation`): the chosen global parameters from the server dir, each
@@ -52,6 +51,10 @@ from tlsan.federated import optimizer_state
 from tlsan.federated.defaults import (
     DEFAULT_CLIENT_UNIT,
     DEFAULT_EVAL_FRACTION,
+    DEFAULT_MIN_ROUNDS,
+    DEFAULT_PATIENCE,
+    DEFAULT_PERSONAL_EPOCHS,
+    DEFAULT_PERSONAL_LR_SCALE,
     DEFAULT_ROUNDS,
     DEFAULT_TRAIN_FRACTION,
     FEDERATED_BATCH_SIZE,
@@ -66,8 +69,6 @@ WORK_FILE = "federation.json"
 START_FILE = "start.safetensors"
 DEVICES_DIR = "devices"
 SERVER_DIR = "server"
-# --select: which validation examples pick the round and each device's fine-tuning epoch
-SELECT: dict[str, str] = {"valid": "valid", "folded": "valid-folded"}
 EXPERIMENT = "tlsan-federated"
 
 
@@ -91,16 +92,14 @@ class FederateOptions:
     dp_noise: float = 0.0
     dp_mode: str = "local"
     client_unit: str = DEFAULT_CLIENT_UNIT
-    patience: int = 0  # rounds without validation improvement before stopping, 0 = never
-    min_rounds: int = 0  # no early stop before this round
+    patience: int = DEFAULT_PATIENCE  # rounds without validation improvement, 0 = never stop
+    min_rounds: int = DEFAULT_MIN_ROUNDS  # no early stop before this round
     lr_decay: float = 1.0  # clients' lr multiplier after each round without improvement
     min_delta: float = 0.0  # what a round must beat the last improvement by to improve
-    select: str = "valid"  # valid | folded: validation examples that pick rounds and epochs
-    # personal rows' lr multiplier during the rounds (0 = frozen): they train in every round
-    # a device joins, far more epochs than central training gives them
-    personal_lr_scale: float = 0.25
+    # personal rows' lr multiplier during the rounds (0 = frozen until the fine-tuning)
+    personal_lr_scale: float = DEFAULT_PERSONAL_LR_SCALE
     optimizer_state: str = "auto"  # auto | shared | local: Adam's moments travel and average
-    personal_epochs: int = 10
+    personal_epochs: int = DEFAULT_PERSONAL_EPOCHS
     personal_lr: float | None = None  # None: the training lr
     eval_fraction: float = DEFAULT_EVAL_FRACTION  # share of clients on the validation panel
     seed: int | None = None  # None: the config's seed
@@ -147,8 +146,6 @@ class FederateOptions:
         if self.client_cpus < 1 or self.num_cpus < 0:
             raise ConfigError("--client-cpus must be >= 1 and --num-cpus >= 0")
         optimizer_state.check_mode(self.optimizer_state)
-        if self.select not in SELECT:
-            raise ConfigError(f"--select: expected one of {', '.join(SELECT)}, got {self.select!r}")
         parse_client_unit(self.client_unit)
 
 
@@ -314,7 +311,6 @@ def setup_federation(options: FederateOptions, work: Path) -> Setup:
         "min_rounds": options.min_rounds,
         "lr_decay": options.lr_decay,
         "min_delta": options.min_delta,
-        "select": options.select,
         "personal_lr_scale": options.personal_lr_scale,
         "optimizer_state": "shared" if share_state else "local",
         "personal_epochs": options.personal_epochs,
@@ -342,7 +338,6 @@ def setup_federation(options: FederateOptions, work: Path) -> Setup:
             "train-config": config_json,
             "personal-epochs": options.personal_epochs,
             "personal-lr": personal_lr,
-            "select": SELECT[options.select],
             "seed": config.seed,
         },
         seed=config.seed,
@@ -351,7 +346,6 @@ def setup_federation(options: FederateOptions, work: Path) -> Setup:
         min_rounds=options.min_rounds,
         lr_decay=options.lr_decay,
         min_delta=options.min_delta,
-        select=f"{SELECT[options.select]}-ndcg@10",
         share_optimizer_state=share_state,
     )
     write_plan(work / SERVER_DIR, plan, audit=options.audit)

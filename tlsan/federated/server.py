@@ -470,7 +470,6 @@ class ServerPlan:
     result: dict[str, np.ndarray] | None = None
     personal_metrics: dict[str, float] = field(default_factory=dict)
     select: str = "valid-ndcg@10"  # federated validation metric that picks the round
-    # (valid-folded-ndcg@10: on the validation examples folded like test examples)
     patience: int = 0  # stop after this many rounds without improvement, 0 = never
     min_rounds: int = 0  # ...but never before this round (the early plateau)
     # after a round without improvement the clients' learning rate is multiplied by this
