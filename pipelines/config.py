@@ -15,6 +15,8 @@ from pipelines.errors import DataValidationError
 
 SplitKind = Literal["last-session", "leave-one-out", "time"]
 Protocol = Literal["leak-free", "reference"]
+TrainTargets = Literal["transitions", "events"]
+TRAIN_TARGETS: tuple[str, ...] = ("transitions", "events")
 PROTOCOLS: tuple[str, ...] = ("leak-free", "reference")
 FileFormat = Literal["csv", "parquet", "ndjson"]
 TimeUnit = Literal["s", "ms", "us", "ns"]
@@ -85,6 +87,9 @@ class PrepareConfig:
     seed: int = 0
     preset: str | None = None
     protocol: Protocol = "leak-free"  # "reference": the published, leaky protocol (DESIGN.md)
+    # last-session: train on the paper's session transitions, or on every event before the
+    # validation session (each built like a serving request)
+    train_targets: TrainTargets = "transitions"
 
     def __post_init__(self) -> None:
         for name in (
@@ -117,6 +122,18 @@ class PrepareConfig:
             raise DataValidationError(
                 "--protocol reference rebuilds the paper's published (leaky) protocol and needs "
                 f"--split last-session, got --split {self.split}"
+            )
+        if self.train_targets not in TRAIN_TARGETS:
+            raise DataValidationError(
+                f"--train-targets: expected one of {', '.join(TRAIN_TARGETS)}, "
+                f"got {self.train_targets!r}"
+            )
+        if self.train_targets != "transitions" and (
+            self.split != "last-session" or self.protocol != "leak-free"
+        ):
+            raise DataValidationError(
+                "--train-targets events applies to the leak-free --split last-session only "
+                f"(got --split {self.split}, --protocol {self.protocol})"
             )
         if self.split == "time":
             if self.valid_from is None or self.test_from is None:

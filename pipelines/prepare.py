@@ -31,6 +31,7 @@ from pipelines.reference_draws import first_positions, with_reference_draws
 from pipelines.sessions import event_table
 from pipelines.splits import (
     EXCLUDED,
+    PAPER_TRANSITION,
     leave_one_out_examples,
     paper_examples,
     time_examples,
@@ -79,7 +80,11 @@ def build_examples(table: pl.DataFrame, config: PrepareConfig) -> dict[str, pl.D
     events = table.lazy()
     if config.split == "last-session":
         examples = paper_examples(
-            table, cap=config.max_events_per_user, seed=config.seed, protocol=config.protocol
+            table,
+            cap=config.max_events_per_user,
+            seed=config.seed,
+            protocol=config.protocol,
+            train_targets=config.train_targets,
         )
     elif config.split == "leave-one-out":
         examples = leave_one_out_examples(events)
@@ -101,7 +106,8 @@ def build_examples(table: pl.DataFrame, config: PrepareConfig) -> dict[str, pl.D
         ).select(*columns)
         for name in SPLITS
     }
-    parts[EXCLUDED] = positions.filter(split == EXCLUDED).select("user", "target", "target_pos")
+    for dropped in (EXCLUDED, PAPER_TRANSITION):  # counted by the writer, never written
+        parts[dropped] = positions.filter(split == dropped).select("user", "target", "target_pos")
     return parts
 
 
@@ -311,6 +317,10 @@ def _manifest(
         entry["bytes"] = path.stat().st_size
     example_users = written.users_with_examples
     excluded = written.dropped.get(EXCLUDED, 0)
+    dense = config.train_targets == "events"
+    paper_transitions = (
+        written.dropped.get(PAPER_TRANSITION, 0) if dense else parts["train"].height + excluded
+    )
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "dataset_hash": dataset_hash(inputs, config),
@@ -324,8 +334,8 @@ def _manifest(
         "counts": {
             **(
                 {  # the paper's training transitions (the reference count) and those left out
-                    "paper_train_examples": parts["train"].height + excluded,
-                    "excluded_transitions": excluded,
+                    "paper_train_examples": paper_transitions,
+                    **({} if dense else {"excluded_transitions": excluded}),
                 }
                 if config.split == "last-session"
                 else {}

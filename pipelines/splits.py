@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from pipelines.config import Protocol
+from pipelines.config import Protocol, TrainTargets
 from pipelines.features import target_examples
 
 _LCG_A = 1_103_515_245
@@ -21,6 +21,9 @@ VALID_STREAM = 1_000_003
 # Rows of paper transitions that no split trains on (their target lies in the validation or
 # the test session); counted in the manifest, never written.
 EXCLUDED = "excluded"
+# Paper transitions when the training targets are every event (`train_targets="events"`):
+# counted for the manifest's paper count, never written.
+PAPER_TRANSITION = "paper-transition"
 
 
 def seeded_choice(user: pl.Expr, seed: int, n: pl.Expr) -> pl.Expr:
@@ -74,7 +77,12 @@ def _sessions(events: pl.DataFrame, cap: int) -> pl.LazyFrame:
 
 
 def paper_examples(
-    events: pl.DataFrame, *, cap: int, seed: int, protocol: Protocol = "leak-free"
+    events: pl.DataFrame,
+    *,
+    cap: int,
+    seed: int,
+    protocol: Protocol = "leak-free",
+    train_targets: TrainTargets = "transitions",
 ) -> pl.LazyFrame:
     """The paper's construction (DESIGN.md) with our leak-free validation and training.
 
@@ -88,6 +96,12 @@ def paper_examples(
     single-item test session keeps its target in the short-term input, and there is no
     validation example.
 
+    `train_targets="events"` trains on every event of the sessions between the first and `v`
+    instead of the paper's transitions, each built like a serving request (`target_examples`:
+    short-term = the earlier events of its own session): more targets per user, and training
+    examples shaped like the validation and test examples (whose session is mostly empty).
+    The transitions are then counted as PAPER_TRANSITION and not written.
+
     `events` is the collected event table, sorted by user and time, so each session is its
     first row and everything per user comes from neighbouring rows. Targets are gathered by
     row position.
@@ -100,6 +114,8 @@ def paper_examples(
     else:  # a transition from s targets the first event of s + 1: keep s + 1 < v = t - 1
         before_valid = pl.col("session") + 1 < pl.col("test_session") - 1
         train_split = pl.when(before_valid).then(pl.lit("train")).otherwise(pl.lit(EXCLUDED))
+    if train_targets == "events":
+        train_split = pl.lit(PAPER_TRANSITION)
     train = sessions.filter("is_train").select(
         "user",
         "offset",
@@ -116,6 +132,12 @@ def paper_examples(
     if protocol == "reference":  # the reference code's own random choice, replayed
         test = _held_out(sessions.filter("is_test"), item, pl.col("test_draw"), "test", protocol)
         return pl.concat([train, test])
+    if train_targets == "events":
+        valid_session = sessions.select("user", (pl.col("test_session") - 1).alias("v")).unique()
+        table = events.lazy().join(valid_session, on="user", how="inner")
+        is_target = (pl.col("session") >= 1) & (pl.col("session") < pl.col("v"))
+        dense = target_examples(table, is_target).drop("target_time")
+        train = pl.concat([train, dense.with_columns(split=pl.lit("train"))], how="diagonal")
     test_draw = seeded_choice(pl.col("user"), seed, size)
     test = _held_out(sessions.filter("is_test"), item, test_draw, "test", protocol)
     is_valid = (pl.col("session") == pl.col("test_session") - 1) & (pl.col("session") > 0)

@@ -153,3 +153,43 @@ def test_protocol_reference_needs_the_last_session_split(tmp_path: Path, capsys)
     assert not (tmp_path / "x").exists()
     with pytest.raises(DataValidationError, match="--protocol: expected one of"):
         PrepareConfig(interactions=interactions, protocol="leaky")  # type: ignore[arg-type]
+
+
+def test_every_event_as_a_training_target_leaks_nothing(tmp_path: Path) -> None:
+    """`--train-targets events`: each event of sessions 1..v-1 is one training target, built
+    like a serving request (short-term = the earlier events of its own session); the same
+    validation and test examples, the paper's count kept in the manifest, and no leak."""
+    import json
+
+    transitions = _examples(_prepare("Digital_Music", tmp_path / "t"))
+    out = _prepare("Digital_Music", tmp_path / "e", train_targets="events")
+    examples = _assert_no_leak(out)
+    train = examples.filter(pl.col("split") == "train")
+    assert train.select("user", "target_pos").is_unique().all()
+    assert train.height > transitions.filter(pl.col("split") == "train").height
+    # the short-term session is every earlier event of the target's session, nothing else
+    assert (train["short_items"].list.len() == train["target_pos"] - train["history_end"]).all()
+    events = pl.read_parquet(out / "events.parquet").select("user", "pos", "session")
+    sessions = train.join(
+        events.rename({"pos": "target_pos"}), on=["user", "target_pos"], how="left"
+    )
+    assert sessions["session"].null_count() == 0 and (sessions["session"] >= 1).all()
+    for split in ("valid", "test"):  # held-out examples are untouched
+        dense = examples.filter(pl.col("split") == split).drop("split", "last_held")
+        paper = transitions.filter(pl.col("split") == split).drop("split", "last_held")
+        assert dense.sort("user").equals(paper.sort("user"))
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    assert counts["paper_train_examples"] == 18_985 and counts["train"] == train.height
+
+
+def test_dense_training_targets_need_the_leak_free_last_session_split(
+    tmp_path: Path, capsys
+) -> None:
+    interactions, items = amazon_paths("Clothing_Shoes_and_Jewelry")
+    argv = ["prepare", "--interactions", str(interactions), "--items", str(items)]
+    argv += ["--out", str(tmp_path / "x"), "--split", "leave-one-out", "--train-targets", "events"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--train-targets events" in err[0] and "leave-one-out" in err[0]
+    with pytest.raises(DataValidationError, match="--train-targets: expected one of"):
+        PrepareConfig(interactions=interactions, train_targets="all")  # type: ignore[arg-type]

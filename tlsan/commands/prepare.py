@@ -95,6 +95,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "last-session split)",
     )
     p.add_argument(
+        "--train-targets",
+        choices=["transitions", "events"],
+        default="transitions",
+        help="last-session: train on the paper's session transitions, or on every event before "
+        "the validation session, each built like a serving request",
+    )
+    p.add_argument(
         "--engine",
         choices=list(ENGINES),
         default="polars",
@@ -145,6 +152,7 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
         max_short=values["max_short"],
         seed=args.seed,
         protocol=args.protocol,
+        train_targets=args.train_targets,
     )
     return apply_preset(config, args.preset, given)
 
