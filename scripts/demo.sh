@@ -32,6 +32,6 @@ curl -s -X POST "http://127.0.0.1:$PORT/recommend" -H 'content-type: application
 set +x
 echo
 if [ "${DEMO_SERVE:-1}" = 1 ]; then
-  echo "service running on http://127.0.0.1:$PORT (OpenAPI at /docs); Ctrl-C to stop"
+  echo "service running on http://127.0.0.1:$PORT (OpenAPI page at /, document at /docs.json); Ctrl-C to stop"
   wait $SERVER
 fi
