@@ -88,10 +88,16 @@ class PrepareConfig:
     preset: str | None = None
     protocol: Protocol = "leak-free"  # "reference": the published, leaky protocol (DESIGN.md)
     # last-session: train on the paper's session transitions, or on every event before the
-    # validation session (each built like a serving request)
-    train_targets: TrainTargets = "transitions"
+    # validation session (each built like a serving request). None: `events` for the leak-free
+    # last-session split (validation chose it, docs/experiments/quality.md) unless the preset
+    # is `paper` (the paper's construction), `transitions` otherwise.
+    train_targets: TrainTargets | None = None
 
     def __post_init__(self) -> None:
+        if self.train_targets is None:
+            dense = (self.split, self.protocol) == ("last-session", "leak-free")
+            resolved = "events" if dense and self.preset != "paper" else "transitions"
+            object.__setattr__(self, "train_targets", resolved)
         for name in (
             "min_user_interactions",
             "min_item_interactions",
@@ -163,7 +169,8 @@ def apply_preset(config: PrepareConfig, preset: str | None, given: set[str]) -> 
     """Apply a preset's values for every option the user did not give explicitly.
 
     `paper` is the construction of the TLSAN paper: day sessions, a 90-event cap, the
-    last-session split, no short-term cap and no filter unless one is given.
+    last-session split trained on session transitions, no short-term cap and no filter unless
+    one is given.
     """
     if preset is None:
         return config
@@ -174,6 +181,7 @@ def apply_preset(config: PrepareConfig, preset: str | None, given: set[str]) -> 
         "split": "last-session",
         "max_events_per_user": 90,
         "max_short": 0,
+        "train_targets": "transitions",
     }
     changes = {k: v for k, v in values.items() if k not in given}
     if "session" in given and config.session.kind != "day":

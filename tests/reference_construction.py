@@ -82,9 +82,11 @@ def _held_out(split, user, events, session, r, keep_target, max_long, max_short)
 
 
 def _last_session(
-    user, events, sessions, index, cap, seed, protocol, max_long, max_short, rng
+    user, events, sessions, index, cap, seed, protocol, max_long, max_short, rng, train_targets
 ) -> list[RefExample]:
-    """DESIGN.md's `last-session` split (or, with protocol "reference", the paper's)."""
+    """DESIGN.md's `last-session` split (or, with protocol "reference", the paper's); with
+    train_targets "events", every event of sessions 1..v-1 is a training target whose short
+    term is the earlier events of its own session."""
     m = min(len(events), cap) if cap else len(events)
     transitions: list[int] = []  # session numbers of the paper's training transitions
     test_at = None
@@ -109,6 +111,16 @@ def _last_session(
         session = sessions[valid_at]
         r = choice(index, seed + VALID_STREAM, len(session))
         out.append(_held_out("valid", user, events, session, r, False, max_long, max_short))
+    if train_targets == "events":
+        for s in sessions[1:valid_at]:
+            for pos in s:
+                short = [p for p in s if p < pos]
+                target = events[pos].item
+                out.append(
+                    _example("train", user, events, s[0], short, target, events[s[0]].ts,
+                             max_long, max_short)
+                )  # fmt: skip
+        return out
     for number in transitions:
         if not reference and number + 1 >= valid_at:
             continue  # its target lies in the validation or the test session
@@ -151,6 +163,7 @@ def build(
     valid_from: int = 0,
     test_from: int = 0,
     protocol: str = "leak-free",
+    train_targets: str = "transitions",
 ) -> list[RefExample]:
     """All examples of every user (events already in the pipeline's stable time order).
 
@@ -178,7 +191,7 @@ def build(
             out.extend(
                 _last_session(
                     user, events, sessions, user_index[user], cap, seed, protocol,
-                    max_long, max_short, rng,
+                    max_long, max_short, rng, train_targets,
                 )
             )  # fmt: skip
             continue

@@ -122,12 +122,17 @@ def _has_two_sessions(rows) -> bool:
     st.sampled_from([0, 6, 90]),
     st.integers(0, 3),
     st.sampled_from(["leak-free", "reference"]),
+    st.sampled_from(["transitions", "events"]),
 )
-def test_paper_split_matches_reference(rows, cap, seed, protocol) -> None:
+def test_paper_split_matches_reference(rows, cap, seed, protocol, train_targets) -> None:
     if not _has_two_sessions(rows):
         return
+    if protocol == "reference":
+        train_targets = "transitions"
     with tempfile.TemporaryDirectory() as tmp:
-        options = dict(max_events_per_user=cap, max_short=0, seed=seed, max_long=4)
+        options = dict(
+            max_events_per_user=cap, max_short=0, seed=seed, max_long=4, train_targets=train_targets
+        )
         try:
             out, frames = _run(rows, Path(tmp), protocol=protocol, **options)
         except ValueError as exc:  # no train or test example at all: true of the reference too
@@ -139,15 +144,16 @@ def test_paper_split_matches_reference(rows, cap, seed, protocol) -> None:
             users = sorted({u for u, _, _ in rows})
             expected = _reference(
                 rows, None, users=users, split="last-session", cap=cap, seed=seed, max_long=4,
-                protocol=config.protocol,
+                protocol=config.protocol, train_targets=train_targets,
             )  # fmt: skip
             splits = {e.split for e in expected}
             assert "train" not in splits or "test" not in splits
             return
         ours = _as_reference(out, frames)
         expected = _reference(
-            rows, out, split="last-session", cap=cap, seed=seed, max_long=4, protocol=protocol
-        )
+            rows, out, split="last-session", cap=cap, seed=seed, max_long=4, protocol=protocol,
+            train_targets=train_targets,
+        )  # fmt: skip
         _same(ours, expected)
 
 

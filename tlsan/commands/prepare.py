@@ -97,9 +97,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--train-targets",
         choices=["transitions", "events"],
-        default="transitions",
         help="last-session: train on the paper's session transitions, or on every event before "
-        "the validation session, each built like a serving request",
+        "the validation session, each built like a serving request (default: events, "
+        "transitions under --preset paper or --protocol reference)",
     )
     p.add_argument(
         "--engine",
@@ -128,6 +128,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def config_from_args(args: argparse.Namespace) -> PrepareConfig:
     """Map the flags onto a PrepareConfig; a preset fills only what was not given."""
     given = {name for name in _PRESET_FIELDS if getattr(args, name) is not None}
+    if args.train_targets is not None:  # the paper preset trains on transitions unless told
+        given.add("train_targets")
     values: dict[str, Any] = {
         name: getattr(args, name) if name in given else default
         for name, default in _PRESET_FIELDS.items()
