@@ -78,7 +78,7 @@ def test_export_writes_every_part_and_a_manifest_that_describes_them(
     # which model, its recipe and how it scored on validation (test: reported, never used)
     metrics = json.loads((run / "metrics.json").read_text())
     summary = manifest["run"]
-    assert summary["model_kind"] == "tlsan" and summary["recipe"]["loss"] == "softmax"
+    assert summary["model_kind"] == "tlsan" and summary["recipe"]["loss"] == "ce"
     assert summary["validation"] == {
         "select_metric": "ndcg@10",
         "ndcg@10": metrics["valid"]["ndcg@10"],

@@ -120,7 +120,7 @@ def test_model_health_metrics_and_openapi(server: BentoServer, deployment: Deplo
     assert info["dataset_hash"] == manifest["dataset_hash"]
     assert info["metrics"] == manifest["metrics"] and "ndcg@10" in info["metrics"]["test"]
     # which model serves, on what, and how it scored on validation (test: reported only)
-    assert info["model_kind"] == "tlsan" and info["recipe"]["loss"] == "softmax"
+    assert info["model_kind"] == "tlsan" and info["recipe"]["loss"] == "ce"
     valid = manifest["metrics"]["valid"]
     assert info["validation"] == {
         "select_metric": "ndcg@10",

@@ -24,6 +24,7 @@ from tlsan.federated.defaults import (
     DEFAULT_ROUNDS,
     DEFAULT_TRAIN_FRACTION,
     FEDERATED_BATCH_SIZE,
+    FEDERATED_LOSS,
     FEDERATED_LR,
 )
 
@@ -174,7 +175,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--preset",
         choices=("paper", "default"),
         help="training preset (default: the default preset with local batch "
-        f"{FEDERATED_BATCH_SIZE} and lr {FEDERATED_LR:g}; a --run's own config with --run)",
+        f"{FEDERATED_BATCH_SIZE}, lr {FEDERATED_LR:g} and the {FEDERATED_LOSS} loss; a --run's "
+        "own config with --run)",
     )
     p.add_argument("--config", type=Path, help="JSON/YAML file with training config fields")
     p.add_argument("--lr", type=float, help="local learning rate")
@@ -224,7 +226,7 @@ def _config(args: argparse.Namespace) -> Any:
 
         base = read_run_info(args.run).config
     elif args.preset is None and args.config is None:  # from scratch: the federated recipe
-        base = base.override(batch_size=FEDERATED_BATCH_SIZE, lr=FEDERATED_LR)
+        base = base.override(batch_size=FEDERATED_BATCH_SIZE, lr=FEDERATED_LR, loss=FEDERATED_LOSS)
     if args.config is not None:
         base = load_config_file(args.config, base=base)
     return base.override(**given) if given else base

@@ -58,6 +58,7 @@ from tlsan.federated.defaults import (
     DEFAULT_ROUNDS,
     DEFAULT_TRAIN_FRACTION,
     FEDERATED_BATCH_SIZE,
+    FEDERATED_LOSS,
     FEDERATED_LR,
 )
 from tlsan.federated.partition import assign_clients, parse_client_unit, write_devices
@@ -226,8 +227,10 @@ def _start_model(options: FederateOptions, dataset: Any) -> tuple[TrainConfig, A
 
 def federated_config() -> TrainConfig:
     """The training config of a run from scratch without --preset or --config: the default
-    preset with the federated batch and learning rate (`tlsan.federated.defaults`)."""
-    return default_config("tlsan").override(batch_size=FEDERATED_BATCH_SIZE, lr=FEDERATED_LR)
+    preset with the federated batch, learning rate and loss (`tlsan.federated.defaults`)."""
+    return default_config("tlsan").override(
+        batch_size=FEDERATED_BATCH_SIZE, lr=FEDERATED_LR, loss=FEDERATED_LOSS
+    )
 
 
 def clients_per_round(options: FederateOptions, clients: int) -> int:
