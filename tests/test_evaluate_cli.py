@@ -121,7 +121,7 @@ def test_compare_marks_the_run_validation_prefers_and_bootstraps_it_against_the_
     for row in result["runs"]:
         assert row["valid"] == pytest.approx(metrics[row["kind"]]["valid"]["ndcg@10"])
         assert row["test"] == pytest.approx(metrics[row["kind"]]["test"]["ndcg@10"])
-    assert result["runs"][1]["recipe"].startswith("default; loss softmax; changed:")
+    assert result["runs"][1]["recipe"].startswith("default; loss ce; changed:")
     assert result["runs"][0]["recipe"] == "default"
     # the preferred run is the best on validation (the first of equals); test never chooses
     valid = [row["valid"] for row in result["runs"]]
