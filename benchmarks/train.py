@@ -1,4 +1,4 @@
-"""Training and full-ranking evaluation throughput of TLSAN and SASRec.
+"""Training and full-ranking evaluation throughput of every model kind.
 
 Two datasets: Digital_Music (../shared/data, paper preset) and a synthetic log with 100k items
 (`pipelines.synthetic.generate_log`, leave-one-out split). Each dataset runs in a fresh
@@ -7,7 +7,10 @@ subprocess so its peak RSS is its own. Baselines measured in the same run:
   at a time (TLSAN/input.py) versus our vectorised gather + negative sampling;
 - evaluation: scoring one user at a time (a per-user loop) versus batched full ranking.
 Targets on the 2-core dev machine: a TLSAN `paper` epoch on Digital_Music <= 5 s, full-ranking
-evaluation of all its test users <= 1 s.
+evaluation of all its test users <= 1 s. `per_kind` puts training examples/s and evaluation
+users/s of TLSAN `default` and `paper`, SASRec, TiSASRec (`default`) and pop side by side, all
+measured in the same process on Digital_Music; training speed is counted in training targets
+per second, since a (Ti)SASRec "example" is a sequence window covering many targets.
 Data parallel (`data_parallel`): the same `tlsan train` command on Digital_Music with 1 process
 (no torchrun) and with N processes (`torchrun --standalone --nproc-per-node N`, gloo), in
 alternating rounds on the same prepared dataset; training examples/s of the whole job (every
@@ -119,11 +122,22 @@ def _train_rate(config: Any, dataset: Any, steps: int | None, repeats: int) -> d
         "steps": stats.steps,
         "seconds_median": statistics.median(seconds),
         "examples_per_s_median": statistics.median(rates),
+        # training targets per second: (Ti)SASRec's `examples` are sequence windows, each
+        # covering many targets; a full epoch uses every target of the split exactly once
+        "train_targets_per_s": len(dataset.train) / statistics.median(seconds)
+        if steps is None
+        else None,
         "model": model,
     }
 
 
 def section_digital_music(repeats: int) -> dict[str, Any]:
+    # The prepared dataset lives until the end: (Ti)SASRec read events.parquet for their windows.
+    with tempfile.TemporaryDirectory() as tmp:
+        return _digital_music(Path(tmp), repeats)
+
+
+def _digital_music(tmp: Path, repeats: int) -> dict[str, Any]:
     from pipelines.config import PrepareConfig, apply_preset
     from pipelines.prepare import prepare_dataset
     from tlsan.config import preset
@@ -131,17 +145,16 @@ def section_digital_music(repeats: int) -> dict[str, Any]:
     from tlsan.train import set_threads
 
     set_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        config = apply_preset(
-            PrepareConfig(
-                interactions=SHARED / "Digital_Music.interactions.csv",
-                items=SHARED / "Digital_Music.items.csv",
-            ),
-            "paper",
-            set(),
-        )
-        path = prepare_dataset(config, Path(tmp) / "dm", progress=False).path
-        dataset = load_dataset(path)
+    config = apply_preset(
+        PrepareConfig(
+            interactions=SHARED / "Digital_Music.interactions.csv",
+            items=SHARED / "Digital_Music.items.csv",
+        ),
+        "paper",
+        set(),
+    )
+    path = prepare_dataset(config, tmp / "dm", progress=False).path
+    dataset = load_dataset(path)
     out: dict[str, Any] = {"train_examples": len(dataset.train), "test_users": len(dataset.test)}
     paper = preset("paper")
     tlsan = _train_rate(paper, dataset, None, repeats)
@@ -175,20 +188,50 @@ def section_digital_music(repeats: int) -> dict[str, Any]:
         "speedup": (reference_ns / 1e9) / ours_batches,
         "note": "ours includes negative sampling; the reference loop only pads",
     }
-    sasrec_config = preset("default", "sasrec")
-    sasrec = _train_rate(sasrec_config, dataset, None, 1)
-    sasrec_model = sasrec.pop("model")
-    sas_eval = _time_eval(sasrec_model, dataset.test, 3)
     default = _train_rate(preset("default"), dataset, None, repeats)
-    default.pop("model")
-    out["tlsan_default"] = default
-    out["sasrec_default"] = {
-        **sasrec,
-        "eval_all_test_users_s_median": statistics.median(sas_eval),
-        "eval_users_per_s": len(dataset.test) / statistics.median(sas_eval),
+    out["tlsan_default"] = _with_eval(default, dataset.test, max(repeats, 3))
+    for kind in ("sasrec", "tisasrec"):
+        rate = _train_rate(preset("default", kind, dataset.sizes.items), dataset, None, 1)
+        out[f"{kind}_default"] = _with_eval(rate, dataset.test, 3)
+    out["pop"] = _pop_rates(dataset, max(repeats, 3))
+    out["per_kind"] = {  # the two rates of every model kind, side by side (this run)
+        name: {
+            "train_targets_per_s": out[name].get("train_targets_per_s"),
+            "eval_users_per_s": out[name]["eval_users_per_s"],
+        }
+        for name in ("tlsan_default", "tlsan_paper", "sasrec_default", "tisasrec_default", "pop")
     }
     out["peak_rss_mb"] = _peak_rss_mb()
     return out
+
+
+def _with_eval(rate: dict[str, Any], split: Any, repeats: int) -> dict[str, Any]:
+    """A `_train_rate` result with the full-ranking evaluation rate of its trained model."""
+    model = rate.pop("model")
+    times = _time_eval(model, split, repeats)
+    return {
+        **rate,
+        "eval_all_test_users_s_median": statistics.median(times),
+        "eval_users_per_s": len(split) / statistics.median(times),
+    }
+
+
+def _pop_rates(dataset: Any, repeats: int) -> dict[str, Any]:
+    """pop trains nothing: the seconds of fitting it (half-life chosen on validation, as
+    `tlsan train --model pop` does) and its evaluation rate."""
+    from tlsan.config import preset
+    from tlsan.train import new_model
+
+    start = time.perf_counter()
+    model = new_model(preset("default", "pop"), dataset)
+    fit_s = time.perf_counter() - start
+    times = _time_eval(model, dataset.test, repeats)
+    return {
+        "fit_s": fit_s,
+        "note": "no training examples: fitting counts the training events once",
+        "eval_all_test_users_s_median": statistics.median(times),
+        "eval_users_per_s": len(dataset.test) / statistics.median(times),
+    }
 
 
 def section_synthetic(
@@ -219,22 +262,23 @@ def section_synthetic(
         start = time.perf_counter()
         dataset = load_dataset(path)
         out["load_s"] = time.perf_counter() - start
-    out["train_examples"] = len(dataset.train)
-    out["catalog"] = dataset.sizes.items
-    subset = dataset.subset("test", torch.arange(min(eval_users, len(dataset.test))))
-    for name, config in (
-        ("tlsan_default", preset("default")),
-        ("sasrec_default", preset("default", "sasrec")),
-    ):
-        rate = _train_rate(config, dataset, steps, 1)
-        model = rate.pop("model")
-        times = _time_eval(model, subset, 2)
-        out[name] = {
-            **rate,
-            "eval_users": len(subset),
-            "eval_s_median": statistics.median(times),
-            "eval_users_per_s": len(subset) / statistics.median(times),
-        }
+        # (Ti)SASRec read events.parquet for their windows: train inside the temp dir
+        out["train_examples"] = len(dataset.train)
+        out["catalog"] = dataset.sizes.items
+        subset = dataset.subset("test", torch.arange(min(eval_users, len(dataset.test))))
+        for name, config in (
+            ("tlsan_default", preset("default")),
+            ("sasrec_default", preset("default", "sasrec")),
+        ):
+            rate = _train_rate(config, dataset, steps, 1)
+            model = rate.pop("model")
+            times = _time_eval(model, subset, 2)
+            out[name] = {
+                **rate,
+                "eval_users": len(subset),
+                "eval_s_median": statistics.median(times),
+                "eval_users_per_s": len(subset) / statistics.median(times),
+            }
     out["peak_rss_mb"] = _peak_rss_mb()
     return out
 
