@@ -2,8 +2,10 @@
 budget, every choice made on validation.
 
 For each dataset (default: the three Amazon logs of ../shared/data) and split (`last-session`:
-`tlsan prepare --preset paper`, the leak-free split; `leave-one-out`: `tlsan prepare --split
-leave-one-out`), every model kind gets the same budget:
+`tlsan prepare --preset paper`, the leak-free split trained on the paper's transitions;
+`last-session-events`: the same split trained on every event before the validation session,
+`tlsan prepare`'s default there; `leave-one-out`: `tlsan prepare --split leave-one-out`), every
+model kind gets the same budget:
 - `--trials N` > 0: an Optuna study of N trials per model (`tlsan tune`: the same TPE sampler
   seed, the same pruner, the same epoch cap for every kind; the space is
   tlsan/default_space.yaml for `tlsan` and tlsan/sasrec_space.yaml, of the same size, for
@@ -54,7 +56,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "amazon"
 DATASETS = ("Digital_Music", "Office_Products", "Clothing_Shoes_and_Jewelry")
-SPLITS = ("last-session", "leave-one-out")
+# last-session-events: the last-session split trained on every event before the validation
+# session (`tlsan prepare`'s default for that split); same validation and test examples
+SPLITS = ("last-session", "last-session-events", "leave-one-out")
 MODELS = ("tlsan", "sasrec", "tisasrec", "pop")
 BASELINES = ("sasrec", "tisasrec", "pop")
 SPACES = {
@@ -110,7 +114,12 @@ def prepare(source: Path, work: Path, name: str, split: str) -> Path:
     interactions, items = _source_files(source, name)
     cmd = _tlsan("prepare", "--interactions", str(interactions), "--items", str(items))
     cmd += ["--out", str(out), "--overwrite", "--quiet"]
-    cmd += ["--preset", "paper"] if split == "last-session" else ["--split", split]
+    if split == "last-session":  # the paper's construction: its session transitions
+        cmd += ["--preset", "paper"]
+    elif split == "last-session-events":  # the same split, every event before validation a target
+        cmd += ["--preset", "paper", "--train-targets", "events"]
+    else:
+        cmd += ["--split", split]
     _call(cmd, f"tlsan prepare {name} {split}")
     return out
 
