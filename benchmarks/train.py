@@ -137,14 +137,11 @@ def section_digital_music(repeats: int) -> dict[str, Any]:
         return _digital_music(Path(tmp), repeats)
 
 
-def _digital_music(tmp: Path, repeats: int) -> dict[str, Any]:
+def _prepare_digital_music(out: Path) -> Path:
+    """Digital_Music from ../shared/data with `--preset paper`, written to `out`."""
     from pipelines.config import PrepareConfig, apply_preset
     from pipelines.prepare import prepare_dataset
-    from tlsan.config import preset
-    from tlsan.data import load_dataset
-    from tlsan.train import set_threads
 
-    set_threads(1)
     config = apply_preset(
         PrepareConfig(
             interactions=SHARED / "Digital_Music.interactions.csv",
@@ -153,8 +150,16 @@ def _digital_music(tmp: Path, repeats: int) -> dict[str, Any]:
         "paper",
         set(),
     )
-    path = prepare_dataset(config, tmp / "dm", progress=False).path
-    dataset = load_dataset(path)
+    return prepare_dataset(config, out, progress=False).path
+
+
+def _digital_music(tmp: Path, repeats: int) -> dict[str, Any]:
+    from tlsan.config import preset
+    from tlsan.data import load_dataset
+    from tlsan.train import set_threads
+
+    set_threads(1)
+    dataset = load_dataset(_prepare_digital_music(tmp / "dm"))
     out: dict[str, Any] = {"train_examples": len(dataset.train), "test_users": len(dataset.test)}
     paper = preset("paper")
     tlsan = _train_rate(paper, dataset, None, repeats)
@@ -314,8 +319,6 @@ def section_data_parallel(
     processes: list[int], rounds: int, epochs: int, model: str, preset_name: str
 ) -> dict[str, Any]:
     """Training examples/s of 1 and N processes on Digital_Music, rounds interleaved."""
-    from pipelines.config import PrepareConfig, apply_preset
-    from pipelines.prepare import prepare_dataset
 
     out: dict[str, Any] = {
         "model": model,
@@ -326,15 +329,7 @@ def section_data_parallel(
         "median over runs of each run's median epoch; the machine is shared: read the ratios",
     }
     with tempfile.TemporaryDirectory() as tmp:
-        config = apply_preset(
-            PrepareConfig(
-                interactions=SHARED / "Digital_Music.interactions.csv",
-                items=SHARED / "Digital_Music.items.csv",
-            ),
-            "paper",
-            set(),
-        )
-        data = prepare_dataset(config, Path(tmp) / "dm", progress=False).path
+        data = _prepare_digital_music(Path(tmp) / "dm")
         rates: dict[int, list[float]] = {n: [] for n in processes}
         walls: dict[int, list[float]] = {n: [] for n in processes}
         for round_ in range(rounds):

@@ -88,16 +88,22 @@ class PrepareConfig:
     preset: str | None = None
     protocol: Protocol = "leak-free"  # "reference": the published, leaky protocol (DESIGN.md)
     # last-session: train on the paper's session transitions, or on every event before the
-    # validation session (each built like a serving request). None: `events` for the leak-free
-    # last-session split (validation chose it, docs/experiments/quality.md) unless the preset
-    # is `paper` (the paper's construction), `transitions` otherwise.
+    # validation session (each built like a serving request). None: the split's default, see
+    # `resolved_train_targets`.
     train_targets: TrainTargets | None = None
 
+    @property
+    def resolved_train_targets(self) -> TrainTargets:
+        """`train_targets`, or its default: `events` for the leak-free last-session split
+        (validation chose it, docs/experiments/tlsan-levers.md) unless the preset is `paper`
+        (the paper's construction), `transitions` otherwise. Resolved when read, so that a
+        config derived with another split or preset gets that split's default."""
+        if self.train_targets is not None:
+            return self.train_targets
+        dense = (self.split, self.protocol) == ("last-session", "leak-free")
+        return "events" if dense and self.preset != "paper" else "transitions"
+
     def __post_init__(self) -> None:
-        if self.train_targets is None:
-            dense = (self.split, self.protocol) == ("last-session", "leak-free")
-            resolved = "events" if dense and self.preset != "paper" else "transitions"
-            object.__setattr__(self, "train_targets", resolved)
         for name in (
             "min_user_interactions",
             "min_item_interactions",
@@ -129,12 +135,12 @@ class PrepareConfig:
                 "--protocol reference rebuilds the paper's published (leaky) protocol and needs "
                 f"--split last-session, got --split {self.split}"
             )
-        if self.train_targets not in TRAIN_TARGETS:
+        if self.train_targets not in (None, *TRAIN_TARGETS):
             raise DataValidationError(
                 f"--train-targets: expected one of {', '.join(TRAIN_TARGETS)}, "
                 f"got {self.train_targets!r}"
             )
-        if self.train_targets != "transitions" and (
+        if self.train_targets == "events" and (
             self.split != "last-session" or self.protocol != "leak-free"
         ):
             raise DataValidationError(
@@ -162,6 +168,7 @@ class PrepareConfig:
         data["interactions"] = str(self.interactions)
         data["items"] = str(self.items) if self.items else None
         data["session"] = str(self.session)
+        data["train_targets"] = self.resolved_train_targets
         return data
 
 
@@ -169,8 +176,8 @@ def apply_preset(config: PrepareConfig, preset: str | None, given: set[str]) -> 
     """Apply a preset's values for every option the user did not give explicitly.
 
     `paper` is the construction of the TLSAN paper: day sessions, a 90-event cap, the
-    last-session split trained on session transitions, no short-term cap and no filter unless
-    one is given.
+    last-session split (trained on session transitions unless --train-targets says otherwise),
+    no short-term cap and no filter unless one is given.
     """
     if preset is None:
         return config
@@ -181,7 +188,6 @@ def apply_preset(config: PrepareConfig, preset: str | None, given: set[str]) -> 
         "split": "last-session",
         "max_events_per_user": 90,
         "max_short": 0,
-        "train_targets": "transitions",
     }
     changes = {k: v for k, v in values.items() if k not in given}
     if "session" in given and config.session.kind != "day":

@@ -84,7 +84,7 @@ def build_examples(table: pl.DataFrame, config: PrepareConfig) -> dict[str, pl.D
             cap=config.max_events_per_user,
             seed=config.seed,
             protocol=config.protocol,
-            train_targets=config.train_targets,
+            train_targets=config.resolved_train_targets,
         )
     elif config.split == "leave-one-out":
         examples = leave_one_out_examples(events)
@@ -317,7 +317,7 @@ def _manifest(
         entry["bytes"] = path.stat().st_size
     example_users = written.users_with_examples
     excluded = written.dropped.get(EXCLUDED, 0)
-    dense = config.train_targets == "events"
+    dense = config.resolved_train_targets == "events"
     paper_transitions = (
         written.dropped.get(PAPER_TRANSITION, 0) if dense else parts["train"].height + excluded
     )

@@ -193,3 +193,22 @@ def test_dense_training_targets_need_the_leak_free_last_session_split(
     assert len(err) == 1 and "--train-targets events" in err[0] and "leave-one-out" in err[0]
     with pytest.raises(DataValidationError, match="--train-targets: expected one of"):
         PrepareConfig(interactions=interactions, train_targets="all")  # type: ignore[arg-type]
+
+
+def test_the_default_training_targets_follow_the_split_and_the_preset(tmp_path: Path) -> None:
+    """The default is resolved when read: a config derived with another split or preset (as
+    `dataclasses.replace` does) gets that split's default, and an explicit choice stays."""
+    from dataclasses import replace
+
+    interactions, _ = amazon_paths("Clothing_Shoes_and_Jewelry")
+    default = PrepareConfig(interactions=interactions)
+    assert default.resolved_train_targets == "events"
+    loo = replace(default, split="leave-one-out")
+    assert loo.resolved_train_targets == "transitions"
+    assert apply_preset(default, "paper", set()).resolved_train_targets == "transitions"
+    explicit = PrepareConfig(interactions=interactions, train_targets="events")
+    assert apply_preset(explicit, "paper", {"train_targets"}).resolved_train_targets == "events"
+    assert replace(default, protocol="reference").resolved_train_targets == "transitions"
+    assert default.to_json()["train_targets"] == "events"
+    with pytest.raises(DataValidationError, match="--train-targets events"):
+        replace(explicit, split="leave-one-out")

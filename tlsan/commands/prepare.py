@@ -128,8 +128,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 def config_from_args(args: argparse.Namespace) -> PrepareConfig:
     """Map the flags onto a PrepareConfig; a preset fills only what was not given."""
     given = {name for name in _PRESET_FIELDS if getattr(args, name) is not None}
-    if args.train_targets is not None:  # the paper preset trains on transitions unless told
-        given.add("train_targets")
     values: dict[str, Any] = {
         name: getattr(args, name) if name in given else default
         for name, default in _PRESET_FIELDS.items()
