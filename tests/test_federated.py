@@ -1068,3 +1068,17 @@ def test_cli_and_options_share_the_defaults_validation_chose(tmp_path: Path) -> 
     assert {name: getattr(args, name) for name in chosen} == chosen
     assert {name: getattr(options, name) for name in chosen} == chosen
     assert not hasattr(args, "select")  # folded validation is gone with the old split
+
+
+def test_federated_runs_keep_the_recipe_they_were_measured_with(tmp_path: Path) -> None:
+    """From scratch, `tlsan federate` trains the softmax over sampled negatives (its figures),
+    not the central preset's full softmax."""
+    from tlsan.cli import build_parser
+    from tlsan.commands.federate import _config
+    from tlsan.federated.run import federated_config
+
+    args = build_parser("federate").parse_args(
+        ["federate", "--data", str(tmp_path), "--out", str(tmp_path / "o")]
+    )
+    assert _config(args).loss == "softmax" == federated_config().loss
+    assert default_config("tlsan").loss == "ce"

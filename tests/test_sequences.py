@@ -296,20 +296,6 @@ def test_default_loss_follows_the_catalog_size() -> None:
     assert (large_tlsan.loss, large_tlsan.negatives) == ("softmax", 32)
 
 
-def test_federated_runs_keep_the_recipe_they_were_measured_with(tmp_path: Path) -> None:
-    """From scratch, `tlsan federate` trains the softmax over sampled negatives (its figures),
-    not the central preset's full softmax."""
-    from tlsan.cli import build_parser
-    from tlsan.commands.federate import _config
-    from tlsan.federated.run import federated_config
-
-    args = build_parser("federate").parse_args(
-        ["federate", "--data", str(tmp_path), "--out", str(tmp_path / "o")]
-    )
-    assert _config(args).loss == "softmax" == federated_config().loss
-    assert preset("default", "tlsan").loss == "ce"
-
-
 def test_old_datasets_are_refused_clearly(loo: Dataset, tmp_path: Path) -> None:
     import shutil
 
